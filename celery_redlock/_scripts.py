@@ -1,0 +1,83 @@
+"""The Lua scripts run on every Redis node.
+
+Each script is sent with EVALSHA; a node that answers NOSCRIPT gets the full
+EVAL once (see ``_nodes.Fanout``). Keys and values are the same as every other
+Redlock client writes (``SET resource token NX PX ttl``), so locks taken here
+block redlock-py, pottery (on ``redlock:<key>``), node-redlock and redsync, and
+theirs block ours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+__all__ = ["ACQUIRE", "ACQUIRE_FENCED", "EXTEND", "FENCE_WRITE", "INSPECT", "RELEASE", "Script"]
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script with its SHA1 digest, both as bytes ready for the wire."""
+
+    source: bytes
+    sha: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source).hexdigest().encode())
+
+
+# KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the TTL in ms.
+# Sets the key if it is free. If it already holds the same token (a Celery
+# retry or a redelivered message re-entering with its task id), re-arms the TTL.
+# Returns 1 when the caller holds the key afterwards, 0 when another token does.
+ACQUIRE = Script(
+    b"if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then "
+    b"redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    b"return 0"
+)
+
+# KEYS[1] the lock key; KEYS[2] the resource's fence counter key;
+# ARGV[1] the owner's token; ARGV[2] the TTL in ms.
+# As ACQUIRE, but returns the node's current fence counter (0 when unset) when
+# the caller holds the key afterwards, and -1 when another token holds it.
+ACQUIRE_FENCED = Script(
+    b"local ok = redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) "
+    b"if not ok then "
+    b"if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end "
+    b"redis.call('pexpire', KEYS[1], ARGV[2]) end "
+    b"return tonumber(redis.call('get', KEYS[2]) or '0')"
+)
+
+# KEYS[1] the lock key; KEYS[2] the fence counter key;
+# ARGV[1] the owner's token; ARGV[2] the new fence value.
+# Raises the counter to ARGV[2] (never lowers it), only while the caller still
+# holds the lock key. Returns 1 when the counter is now >= ARGV[2] under the
+# caller's lock, 0 when the lock is no longer the caller's.
+FENCE_WRITE = Script(
+    b"if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+    b"local new = tonumber(ARGV[2]) "
+    b"if tonumber(redis.call('get', KEYS[2]) or '0') < new then "
+    b"redis.call('set', KEYS[2], ARGV[2]) end "
+    b"return 1"
+)
+
+# KEYS[1] the lock key; ARGV[1] the owner's token.
+# Deletes the key only if it holds the caller's token.
+# Returns 1 when deleted, 0 when the key was absent or held by another token.
+RELEASE = Script(
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+
+# KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the new TTL in ms.
+# Re-arms the key's TTL only if it holds the caller's token.
+# Returns 1 when re-armed, 0 when the key was absent or held by another token.
+EXTEND = Script(
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then "
+    b"return redis.call('pexpire', KEYS[1], ARGV[2]) end "
+    b"return 0"
+)
+
+# KEYS[1] the lock key.
+# Returns {token or nil, remaining TTL in ms (-2 when absent, -1 when no TTL)}.
+INSPECT = Script(b"return {redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}")

@@ -1,0 +1,645 @@
+"""Redlock: one lock over N independent Redis masters.
+
+:class:`Redlock` is the manager (nodes, settings, connections) and
+:class:`Lock` the handle of one held lock. The algorithm is the one of the
+Redis documentation ("Distributed locks with Redis"):
+
+1. ``SET key token NX PX ttl`` is sent to every node at once (a Lua script
+   that also re-arms a key already holding the same token), each reply read
+   with a per-node timeout far below the TTL.
+2. The lock holds when at least ``N // 2 + 1`` nodes said yes and the time
+   spent, on the monotonic clock, leaves a validity
+   ``ttl - elapsed - (drift_factor * ttl + 2 ms)`` above zero.
+3. Otherwise the key is released on every node (also those that erred or
+   timed out: a lost reply may hide an applied SET), and the attempt is
+   retried after a random delay in ``[0, retry_delay]``.
+
+Keys carry no prefix here: a lock on ``"x"`` is the Redis key ``x`` holding
+the token, as every other Redlock client writes it.
+
+This module does not import celery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import secrets
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from . import _scripts
+from ._nodes import Fanout, Node, classify, pack, parse_servers
+from .exceptions import (
+    LockExtendError,
+    LockNotAcquired,
+    LockNotOwned,
+    NodeVote,
+    QuorumUnavailable,
+    RedlockConfigError,
+    ServerVersionError,
+    Vote,
+)
+
+__all__ = ["Lock", "LockInfo", "Redlock"]
+
+_log = logging.getLogger(__name__)
+
+#: Redis' expiry precision (1 ms) plus 1 ms, added to the clock drift allowance.
+DRIFT_CONSTANT = 0.002
+#: The first Redis release with ``SET ... NX PX``.
+MIN_REDIS_VERSION = (2, 6, 12)
+#: Appended to a resource to name its fencing counter key.
+FENCE_SUFFIX = ":fence"
+
+LoggerSpec = Union[logging.Logger, Callable[[str], object], None]  # noqa: UP007
+_DEFAULT: Any = object()
+_WARNED: set[str] = set()
+
+
+def _number(name: str, value: object, *, minimum: float = 0.0, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RedlockConfigError(f"{name} must be a number, not {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < minimum or (strict and number == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise RedlockConfigError(f"{name} must be a finite number {bound}, not {value!r}")
+    return number
+
+
+def _ttl_ms(ttl: object) -> int:
+    seconds = _number("ttl", ttl, strict=True)
+    ms = int(seconds * 1000)
+    if ms < 1:
+        raise RedlockConfigError(f"ttl must be at least 0.001 s (1 ms), not {ttl!r}")
+    return ms
+
+
+def _resource(resource: object) -> str:
+    if not isinstance(resource, str) or not resource:
+        raise RedlockConfigError(f"the resource must be a non-empty str, not {resource!r}")
+    return resource
+
+
+def _value(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise RedlockConfigError(f"a lock value (token) must be a non-empty str, not {value!r}")
+    return value
+
+
+class _Logger:
+    """The ``logger`` argument: a Logger, a callable taking the message, or None."""
+
+    def __init__(self, target: LoggerSpec) -> None:
+        self.target = target
+
+    def log(self, level: int, msg: str, *args: object) -> None:
+        target = self.target
+        if target is None:
+            return
+        if isinstance(target, logging.Logger):
+            target.log(level, msg, *args)
+        elif level >= logging.WARNING:
+            target(msg % args if args else msg)
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """What the nodes say about one key: the quorum's holder and the TTL left."""
+
+    resource: str
+    #: the token held on a quorum of nodes, or None
+    holder: str | None
+    #: seconds left on the key on the quorum's nodes (smallest), or None
+    ttl_left: float | None
+    #: how many nodes hold ``holder``'s token (or, when none has a quorum, the most common one)
+    nodes_holding: int
+    #: every node's view: (node, token or None, ms left or None for errors)
+    per_node: tuple[tuple[str, str | None, int | None], ...] = ()
+
+
+@dataclass(eq=False)
+class Lock:
+    """A held lock: what :meth:`Redlock.lock` returns.
+
+    ``validity`` is the number of seconds the lock was known valid for when
+    acquired (or last extended), ``expires_at`` the same as a
+    :func:`time.monotonic` deadline (None for a handle rebuilt from
+    ``(resource, value)``, whose deadline is unknown here) and ``fence`` the
+    fencing token when the lock was taken with ``fencing=True``.
+
+    A handle can be rebuilt in another process from ``(resource, value)`` to
+    release or extend the lock: ``Lock("foo", "task-id", manager=rl)``.
+    """
+
+    resource: str
+    value: str
+    validity: float = 0.0
+    expires_at: float | None = None
+    fence: int | None = None
+    manager: Redlock | None = field(default=None, repr=False, compare=False)
+
+    def _manager(self) -> Redlock:
+        if self.manager is None:
+            raise RedlockConfigError(
+                f"lock {self.resource!r} has no manager; rebuild it with "
+                "Lock(resource, value, manager=redlock) or call redlock.release(lock)"
+            )
+        return self.manager
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds until the validity deadline (0 once past), or None when unknown."""
+        if self.expires_at is None:
+            return None
+        return max(0.0, self.expires_at - time.monotonic())
+
+    def release(self) -> bool:
+        """Release the lock; True when this token still held it on a quorum."""
+        return self._manager().release(self)
+
+    def extend(self, ttl: float) -> bool:
+        """Re-arm the lock for ``ttl`` seconds; True when re-armed on a quorum in time."""
+        return self._manager().extend(self, ttl)
+
+    def __enter__(self) -> Lock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _release_all(fanout: Fanout, held: set[tuple[str, str]]) -> None:
+    """Release every lock in ``held`` (auto_release at close, collection or exit)."""
+    for resource, value in list(held):
+        with contextlib.suppress(Exception):  # best effort, also at interpreter exit
+            fanout.script(_scripts.RELEASE, (resource.encode(),), (value,))
+        held.discard((resource, value))
+    fanout.close()
+
+
+class Redlock:
+    """A lock manager over N independent Redis masters.
+
+    :param servers: the masters: ``redis://``, ``rediss://`` (TLS) or
+        ``unix://`` URLs (user and password allowed), ``"host:port"``
+        strings, or ready ``redis.Redis`` clients; one spec or a list.
+    :param retry_count: attempts per :meth:`lock` call (default 3; 0 means one).
+    :param retry_delay: the most seconds to wait between attempts; each wait
+        is random in ``[0, retry_delay]`` (default 0.2).
+    :param drift_factor: clock drift allowance as a share of the TTL, in
+        ``[0, 0.5)`` (default 0.01).
+    :param version_check: at construction, check every node runs Redis >=
+        2.6.12 and that a quorum is reachable, and warn once about replicas,
+        eviction policies that can drop locks, and a node count under 3 or even.
+    :param logger: a :class:`logging.Logger`, a callable taking a message
+        (warnings and errors only), or None to silence. Default:
+        ``logging.getLogger("celery_redlock.redlock")``.
+    :param auto_release: release every lock this manager still holds when it
+        is closed, collected, or the interpreter exits (default False).
+    :param node_timeout: seconds to wait for one node's reply or connection
+        (default 0.1). Keep it far below the TTLs you use.
+    """
+
+    def __init__(
+        self,
+        servers: object,
+        *,
+        retry_count: int = 3,
+        retry_delay: float = 0.2,
+        drift_factor: float = 0.01,
+        version_check: bool = True,
+        logger: LoggerSpec = _DEFAULT,
+        auto_release: bool = False,
+        node_timeout: float = 0.1,
+    ) -> None:
+        if isinstance(retry_count, bool) or not isinstance(retry_count, int) or retry_count < 0:
+            raise RedlockConfigError(
+                f"retry_count must be an int >= 0 (0 means a single attempt), not {retry_count!r}"
+            )
+        self.retry_count = retry_count
+        self.retry_delay = _number("retry_delay", retry_delay)
+        self.drift_factor = _number("drift_factor", drift_factor)
+        if self.drift_factor >= 0.5:
+            raise RedlockConfigError(
+                f"drift_factor must be in [0, 0.5), not {drift_factor!r}; 0.01 is usual"
+            )
+        self.node_timeout = _number("node_timeout", node_timeout, strict=True)
+        self.auto_release = bool(auto_release)
+        self._log = _Logger(_log if logger is _DEFAULT else logger)
+        self.nodes: tuple[Node, ...] = tuple(parse_servers(servers))
+        self.quorum = len(self.nodes) // 2 + 1
+        self._fanout = Fanout(self.nodes, self.node_timeout)
+        self._held: set[tuple[str, str]] = set()
+        self._finalizer = weakref.finalize(
+            self, _release_all, self._fanout, self._held if self.auto_release else set()
+        )
+        if version_check:
+            self.check_servers()
+
+    # -- construction checks -------------------------------------------------
+
+    def check_servers(self) -> list[dict[str, str]]:
+        """Check the nodes' versions and settings; return each node's facts.
+
+        Raises :class:`ServerVersionError` for a node older than 2.6.12,
+        :class:`RedlockConfigError` for a node that rejects the credentials,
+        and :class:`QuorumUnavailable` when fewer than a quorum answer.
+        Warns once per node about replicas and eviction policies, and once
+        about a node count under 3 or even.
+        """
+        commands = [
+            pack("INFO", "server"),
+            pack("INFO", "replication"),
+            pack("CONFIG", "GET", "maxmemory-policy"),
+            pack("CONFIG", "GET", "appendfsync"),
+        ]
+        replies = self._fanout.admin_call(commands, max(self.node_timeout, 2.0))
+        facts: list[dict[str, str]] = []
+        votes: list[NodeVote] = []
+        for node, (server, replication, policy, fsync) in zip(self.nodes, replies):
+            if isinstance(server, BaseException):
+                vote = classify(node, server, False)
+                votes.append(vote)
+                if "auth" in type(server).__name__.lower() or "NOAUTH" in str(server).upper():
+                    raise RedlockConfigError(
+                        f"Redis node {node.name} rejected the connection: {vote.detail}; "
+                        "check the user name and password in its URL"
+                    )
+                facts.append({"node": node.name, "reachable": "no", "error": vote.detail})
+                continue
+            votes.append(NodeVote(node.name, Vote.YES))
+            info = _parse_info(server)
+            if not isinstance(replication, BaseException):
+                info.update(_parse_info(replication))
+            info["maxmemory-policy"] = _config_value(policy)
+            info["appendfsync"] = _config_value(fsync)
+            info["node"] = node.name
+            info["reachable"] = "yes"
+            facts.append(info)
+            version = _version_tuple(info.get("redis_version", "0"))
+            if version < MIN_REDIS_VERSION:
+                raise ServerVersionError(
+                    f"Redis node {node.name} runs {info.get('redis_version', 'unknown')}; "
+                    "Redlock needs 2.6.12 or newer (SET with NX and PX)"
+                )
+            role = info.get("role", "master")
+            if role != "master":
+                self._warn_once(
+                    f"role:{node.name}",
+                    "Redis node %s is a %s, not a master; a lock written to a replica may "
+                    "be lost on failover. Point Redlock at independent masters.",
+                    node.name,
+                    role,
+                )
+            policy_name = info["maxmemory-policy"]
+            if policy_name not in ("", "noeviction"):
+                self._warn_once(
+                    f"policy:{node.name}",
+                    "Redis node %s has maxmemory-policy %s, which can evict lock keys "
+                    "before they expire; use noeviction on lock nodes.",
+                    node.name,
+                    policy_name,
+                )
+        reachable = sum(1 for v in votes if v.vote is Vote.YES)
+        if reachable < self.quorum:
+            raise QuorumUnavailable(
+                f"only {reachable} of {len(self.nodes)} Redis nodes answered, fewer than the "
+                f"quorum of {self.quorum}: " + ", ".join(str(v) for v in votes),
+                votes,
+            )
+        n = len(self.nodes)
+        if n < 3 or n % 2 == 0:
+            self._warn_once(
+                f"count:{','.join(node.name for node in self.nodes)}",
+                "Redlock over %d node(s) tolerates %d failure(s); an odd count of 3 or more "
+                "(3 or 5) is the usual choice.",
+                n,
+                (n - 1) // 2,
+            )
+        return facts
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in _WARNED:
+            _WARNED.add(key)
+            self._log.log(logging.WARNING, msg, *args)
+
+    # -- acquiring -------------------------------------------------------------
+
+    def _attempt(
+        self, resource: str, key: bytes, token: str, ttl: float, ttl_ms: int, fencing: bool
+    ) -> tuple[Lock | None, list[NodeVote]]:
+        fanout = self._fanout
+        start = time.monotonic()
+        if fencing:
+            fence_key = key + FENCE_SUFFIX.encode()
+            replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), (token, ttl_ms))
+            granted = [i for i, r in enumerate(replies) if type(r) is int and r >= 0]
+        else:
+            replies = fanout.script(_scripts.ACQUIRE, (key,), (token, ttl_ms))
+            granted = [i for i, r in enumerate(replies) if r == 1 and type(r) is int]
+        drift = self.drift_factor * ttl + DRIFT_CONSTANT
+        validity = ttl - (time.monotonic() - start) - drift
+        fence: int | None = None
+        if len(granted) >= self.quorum and validity > 0 and fencing:
+            fence = max(replies[i] for i in granted) + 1
+            written = fanout.script(
+                _scripts.FENCE_WRITE, (key, fence_key), (token, fence), targets=granted
+            )
+            if sum(1 for i in granted if written[i] == 1) < self.quorum:
+                granted = [i for i in granted if written[i] == 1]
+            validity = ttl - (time.monotonic() - start) - drift
+        if len(granted) >= self.quorum and validity > 0:
+            lock = Lock(resource, token, validity, start + ttl - drift, fence, self)
+            if self.auto_release:
+                self._held.add((resource, token))
+            return lock, []
+        votes = self._votes(replies, granted)
+        # Undo on every node: a SET may have been applied where the reply was lost.
+        fanout.script(_scripts.RELEASE, (key,), (token,))
+        return None, votes
+
+    def _votes(self, replies: list[Any], granted: list[int]) -> list[NodeVote]:
+        grant = set(granted)
+        return [
+            classify(node, reply, i in grant)
+            for i, (node, reply) in enumerate(zip(self.nodes, replies))
+        ]
+
+    def acquire(
+        self,
+        resource: str,
+        ttl: float,
+        value: str | None = None,
+        *,
+        fencing: bool = False,
+        wait: float | None = None,
+        retry_count: int | None = None,
+        retry_delay: float | None = None,
+    ) -> Lock:
+        """Acquire ``resource`` for ``ttl`` seconds, or raise :class:`LockNotAcquired`.
+
+        ``value`` is the token (default: 16 random bytes as 32 hex digits). A
+        node already holding the same token counts as granted and has its TTL
+        re-armed, so an owner may re-enter its own lock (a retried task).
+
+        ``wait``: keep trying for up to this many seconds instead of
+        ``retry_count`` attempts.
+
+        ``fencing=True`` sets :attr:`Lock.fence`: an integer that strictly
+        increases for each successive holder of ``resource``. It is read from
+        a counter key (``resource + ":fence"``, no TTL) on each node that
+        granted the lock; the quorum's highest value plus one is written back
+        to a quorum, under the lock, before the lock is returned. Two quorums
+        share a node, so the next holder reads at least this value. The order
+        holds as long as nodes do not lose data (a node restarted empty may
+        hand out a lower value; run nodes with ``appendfsync always`` or keep
+        a crashed node down longer than the longest TTL). Pass the fence to
+        the storage you write to and have it refuse a write with a lower
+        fence than one it has seen: that, not the lock alone, makes the write
+        safe against a holder that paused past its TTL. It costs one more
+        round trip.
+        """
+        resource = _resource(resource)
+        ttl_ms = _ttl_ms(ttl)
+        ttl = ttl_ms / 1000.0
+        token = secrets.token_hex(16) if value is None else _value(value)
+        attempts = max(1, self.retry_count if retry_count is None else retry_count)
+        delay = self.retry_delay if retry_delay is None else _number("retry_delay", retry_delay)
+        deadline = None if wait is None else time.monotonic() + _number("wait", wait)
+        key = resource.encode()
+        tried = 0
+        while True:
+            tried += 1
+            lock, votes = self._attempt(resource, key, token, ttl, ttl_ms, fencing)
+            if lock is not None:
+                return lock
+            failed = [v for v in votes if v.vote in (Vote.ERROR, Vote.TIMEOUT)]
+            if failed:
+                self._log.log(
+                    logging.DEBUG,
+                    "lock %r attempt %d: nodes failed: %s",
+                    resource,
+                    tried,
+                    ", ".join(map(str, failed)),
+                )
+            pause = random.uniform(0, delay)
+            if deadline is None:
+                if tried >= attempts:
+                    break
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                pause = min(pause, left)
+            time.sleep(pause)
+        error = LockNotAcquired(resource, votes, tried)
+        if error.unavailable:
+            self._log.log(logging.WARNING, "%s", error)
+        raise error
+
+    def lock(
+        self,
+        resource: str,
+        ttl: float,
+        value: str | None = None,
+        *,
+        fencing: bool = False,
+        wait: float | None = None,
+    ) -> Lock | None:
+        """Acquire ``resource`` for ``ttl`` seconds; the :class:`Lock`, or None if not acquired.
+
+        Arguments as :meth:`acquire`.
+        """
+        try:
+            return self.acquire(resource, ttl, value, fencing=fencing, wait=wait)
+        except LockNotAcquired:
+            return None
+
+    @contextmanager
+    def locked(
+        self,
+        resource: str,
+        ttl: float,
+        value: str | None = None,
+        *,
+        wait: float | None = None,
+        fencing: bool = False,
+    ) -> Iterator[Lock]:
+        """``with rl.locked("foo", 10, wait=5) as lock:`` holds the lock for the block.
+
+        Raises :class:`LockNotAcquired` when the lock is not had within
+        ``wait`` seconds (or ``retry_count`` attempts when ``wait`` is None).
+        Releases the lock when the block ends.
+        """
+        lock = self.acquire(resource, ttl, value, fencing=fencing, wait=wait)
+        try:
+            yield lock
+        finally:
+            self.release(lock)
+
+    # -- release, extend, inspect ---------------------------------------------
+
+    def _handle(self, lock: Lock | str, value: str | None) -> tuple[str, str]:
+        if isinstance(lock, Lock):
+            return lock.resource, lock.value
+        if value is None:
+            raise RedlockConfigError(
+                f"releasing or extending {lock!r} by name needs its value (the token): "
+                "redlock.release('foo', 'token')"
+            )
+        return _resource(lock), _value(value)
+
+    def release(self, lock: Lock | str, value: str | None = None, *, strict: bool = False) -> bool:
+        """Release a lock on every node; True when its token still held it on a quorum.
+
+        Takes a :class:`Lock`, or a resource name and its token. Only keys
+        holding the token are deleted. ``strict=True`` raises
+        :class:`LockNotOwned` instead of returning False.
+        """
+        resource, token = self._handle(lock, value)
+        replies = self._fanout.script(_scripts.RELEASE, (resource.encode(),), (token,))
+        self._held.discard((resource, token))
+        deleted = sum(1 for r in replies if r == 1 and type(r) is int)
+        errors = [
+            classify(n, r, False) for n, r in zip(self.nodes, replies) if isinstance(r, Exception)
+        ]
+        if errors:
+            level = logging.WARNING if len(errors) >= self.quorum else logging.DEBUG
+            self._log.log(
+                level,
+                "release of %r did not reach %d node(s): %s; their keys expire by TTL",
+                resource,
+                len(errors),
+                ", ".join(map(str, errors)),
+            )
+        if isinstance(lock, Lock):
+            lock.expires_at = time.monotonic() if lock.expires_at is not None else None
+            lock.validity = 0.0
+        if deleted < self.quorum and strict:
+            raise LockNotOwned(resource)
+        return deleted >= self.quorum
+
+    def extend(
+        self, lock: Lock | str, ttl: float, value: str | None = None, *, strict: bool = False
+    ) -> bool:
+        """Re-arm a held lock for ``ttl`` seconds from now.
+
+        True when a quorum of nodes still held the token and re-armed it while
+        the lock was valid; the :class:`Lock`'s ``validity`` and
+        ``expires_at`` are then updated. False otherwise (also for a lock that
+        already expired: never an exception unless ``strict=True``, which
+        raises :class:`LockExtendError`).
+        """
+        resource, token = self._handle(lock, value)
+        ttl_ms = _ttl_ms(ttl)
+        ttl = ttl_ms / 1000.0
+        start = time.monotonic()
+        known = lock.expires_at if isinstance(lock, Lock) else None
+        if known is not None and start >= known:
+            if strict:
+                raise LockExtendError(resource, message=f"lock {resource!r} expired before extend")
+            return False
+        replies = self._fanout.script(_scripts.EXTEND, (resource.encode(),), (token, ttl_ms))
+        now = time.monotonic()
+        yes = [i for i, r in enumerate(replies) if r == 1 and type(r) is int]
+        drift = self.drift_factor * ttl + DRIFT_CONSTANT
+        validity = ttl - (now - start) - drift
+        in_time = known is None or now < known
+        if len(yes) >= self.quorum and validity > 0 and in_time:
+            if isinstance(lock, Lock):
+                lock.validity = validity
+                lock.expires_at = start + ttl - drift
+            return True
+        if strict:
+            raise LockExtendError(resource, self._votes(replies, yes))
+        return False
+
+    def inspect(self, resource: str) -> LockInfo:
+        """Read who holds ``resource`` on each node, and for how long."""
+        resource = _resource(resource)
+        replies = self._fanout.script(_scripts.INSPECT, (resource.encode(),), ())
+        per_node: list[tuple[str, str | None, int | None]] = []
+        tokens: Counter[str] = Counter()
+        ttls: dict[str, list[int]] = {}
+        for node, reply in zip(self.nodes, replies):
+            if isinstance(reply, BaseException) or not isinstance(reply, list):
+                per_node.append((node.name, None, None))
+                continue
+            raw, pttl = [*reply, None, None][:2]
+            token = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else None
+            per_node.append((node.name, token, int(pttl) if pttl is not None else None))
+            if token is not None:
+                tokens[token] += 1
+                ttls.setdefault(token, []).append(int(pttl) if pttl is not None else -1)
+        if not tokens:
+            return LockInfo(resource, None, None, 0, tuple(per_node))
+        token, count = tokens.most_common(1)[0]
+        left = [t for t in ttls[token] if t >= 0]
+        ttl_left = min(left) / 1000.0 if left else None
+        holder = token if count >= self.quorum else None
+        return LockInfo(resource, holder, ttl_left, count, tuple(per_node))
+
+    def holder(self, resource: str) -> str | None:
+        """The token that holds ``resource`` on a quorum of nodes, or None."""
+        return self.inspect(resource).holder
+
+    def force_release(self, resource: str) -> int:
+        """Delete ``resource``'s key on every node whoever holds it; how many nodes had it.
+
+        An administrator's tool (``celery redlock release``): the holder is not
+        told. The fencing counter is kept, so fences stay ordered.
+        """
+        resource = _resource(resource)
+        replies = self._fanout.call(pack("DEL", resource))
+        return sum(1 for r in replies if r == 1 and type(r) is int)
+
+    # -- life cycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release held locks when ``auto_release`` is set, then close every connection."""
+        self._finalizer()
+
+    def __enter__(self) -> Redlock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        names = ", ".join(node.name for node in self.nodes)
+        return f"<Redlock [{names}] quorum={self.quorum}>"
+
+
+def _parse_info(reply: object) -> dict[str, str]:
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    info: dict[str, str] = {}
+    for line in text.splitlines():
+        if ":" in line and not line.startswith("#"):
+            name, _, val = line.partition(":")
+            info[name.strip()] = val.strip()
+    return info
+
+
+def _config_value(reply: object) -> str:
+    if isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], bytes):
+        return reply[1].decode()
+    if isinstance(reply, dict):  # RESP3
+        for val in reply.values():
+            return val.decode() if isinstance(val, bytes) else str(val)
+    return ""
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
