@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from .exceptions import NodeVote, RedlockConfigError, Vote
 #: A redis-py connection; redis-py leaves most of its methods untyped.
 Conn = Any
 
-__all__ = ["Fanout", "Node", "ServerSpec", "pack", "parse_servers", "redact"]
+__all__ = ["Fanout", "Node", "ServerSpec", "pack", "pack_args", "parse_servers", "redact"]
 
 #: What a server may be given as: a URL, "host:port", or a ready client.
 ServerSpec = Union[str, "redis.Redis"]
@@ -60,13 +62,18 @@ def _encode(arg: bytes | str | int) -> bytes:
     return str(arg).encode()
 
 
-def pack(*args: bytes | str | int) -> bytes:
-    """Encode one command in RESP, the Redis wire format."""
-    parts = [b"*%d\r\n" % len(args)]
+def pack_args(*args: bytes | str | int) -> bytes:
+    """Encode arguments as RESP bulk strings (a command without its array header)."""
+    parts = []
     for arg in args:
         data = _encode(arg)
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def pack(*args: bytes | str | int) -> bytes:
+    """Encode one command in RESP, the Redis wire format."""
+    return b"*%d\r\n" % len(args) + pack_args(*args)
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,173 @@ def parse_servers(servers: object) -> list[Node]:
 #: A reply: the decoded RESP value, or the exception the node gave instead.
 Reply = Any
 
+
+class _Incomplete(Exception):
+    """The buffer ends before the reply does."""
+
+
+def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
+    """Parse one RESP2/RESP3 reply from ``buf`` at ``pos``; (value, position after it)."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buf[pos : pos + 1]
+    line = buf[pos + 1 : end]
+    nxt = end + 2
+    if kind == b":":
+        return int(line), nxt
+    if kind in (b"$", b"=", b"!"):  # bulk string, RESP3 verbatim string, RESP3 blob error
+        size = int(line)
+        if size < 0:
+            return None, nxt
+        if len(buf) < nxt + size + 2:
+            raise _Incomplete
+        data = buf[nxt : nxt + size]
+        if kind == b"=":
+            data = data[4:]  # "txt:" or "mkd:"
+        elif kind == b"!":
+            return ResponseError(data.decode("utf-8", "replace")), nxt + size + 2
+        return data, nxt + size + 2
+    if kind == b"+":
+        return line, nxt
+    if kind == b"-":
+        text = line.decode("utf-8", "replace")
+        if text.startswith("NOSCRIPT"):
+            return NoScriptError(text), nxt
+        return ResponseError(text), nxt
+    if kind in (b"*", b"~", b">"):
+        count = int(line)
+        if count < 0:
+            return None, nxt
+        items = []
+        for _ in range(count):
+            item, nxt = _parse(buf, nxt)
+            items.append(item)
+        return items, nxt
+    if kind == b"_":
+        return None, nxt
+    if kind == b"#":
+        return line == b"t", nxt
+    if kind == b",":
+        return float(line), nxt
+    if kind == b"(":
+        return int(line), nxt
+    if kind == b"%":
+        pairs = {}
+        for _ in range(int(line)):
+            name, nxt = _parse(buf, nxt)
+            value, nxt = _parse(buf, nxt)
+            pairs[name] = value
+        return pairs, nxt
+    raise redis.ConnectionError(f"unexpected reply type {kind!r} from Redis")
+
+
+#: Seconds a node is skipped after it failed or timed out, so that a stalled
+#: node costs one timeout per cool-down, not one per call (a reconnect to a
+#: stopped process would wait out its own timeout each time).
+NODE_COOLDOWN = 1.0
+
+
+class _Health:
+    """Shared by every connection to one node: until when it is skipped, and why."""
+
+    __slots__ = ("down_until", "reason")
+
+    def __init__(self) -> None:
+        self.down_until = 0.0
+        self.reason = ""
+
+
+class _Wire:
+    """One connection to one node, used for our own commands only.
+
+    redis-py opens it (TCP, unix socket or TLS, AUTH, SELECT); then commands
+    are written to and replies parsed from its socket directly, which costs a
+    fraction of a generic client's per-command work.
+    """
+
+    __slots__ = ("buf", "conn", "health", "node", "sock", "timeout")
+
+    def __init__(self, node: Node, timeout: float, health: _Health | None = None) -> None:
+        self.node = node
+        self.timeout = timeout
+        self.health = health or _Health()
+        self.conn: Conn = None
+        self.sock: Any = None
+        self.buf = b""
+
+    def fail(self, error: Exception) -> Exception:
+        """Close after ``error`` and skip the node for a cool-down; returns ``error``."""
+        self.close()
+        self.health.down_until = time.monotonic() + NODE_COOLDOWN
+        self.health.reason = str(error)
+        return error
+
+    def send(self, data: bytes) -> None:
+        if self.sock is None:
+            health = self.health
+            if health.down_until and time.monotonic() < health.down_until:
+                raise redis.ConnectionError(
+                    f"{self.node.name} skipped for up to {NODE_COOLDOWN}s after: {health.reason}"
+                )
+            try:
+                conn = self.node.connect(self.timeout)
+                conn.connect()
+            except redis.AuthenticationError:
+                raise
+            except Exception as exc:
+                raise self.fail(exc) from None
+            health.down_until = 0.0
+            self.conn, self.sock, self.buf = conn, conn._sock, b""
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}")) from None
+        except OSError as exc:
+            raise self.fail(
+                redis.ConnectionError(f"error writing to {self.node.name}: {exc}")
+            ) from None
+
+    def read(self) -> Reply:
+        buf = self.buf
+        while True:
+            if buf:
+                try:
+                    value, pos = _parse(buf, 0)
+                except _Incomplete:
+                    pass
+                else:
+                    self.buf = buf[pos:]
+                    return value
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise self.fail(
+                    redis.TimeoutError(f"no reply from {self.node.name} within {self.timeout}s")
+                ) from None
+            except OSError as exc:
+                raise self.fail(
+                    redis.ConnectionError(f"error reading from {self.node.name}: {exc}")
+                ) from None
+            if not chunk:
+                raise self.fail(redis.ConnectionError(f"{self.node.name} closed the connection"))
+            buf += chunk
+
+    def ready(self) -> bool:
+        """True when a reply can be read without waiting."""
+        sock = self.sock
+        if sock is None:
+            return False
+        if self.buf or (hasattr(sock, "pending") and sock.pending()):
+            return True
+        return bool(select.select([sock], [], [], 0)[0])
+
+    def close(self) -> None:
+        conn, self.conn, self.sock, self.buf = self.conn, None, None, b""
+        if conn is not None:
+            conn.disconnect()
+
+
 _FANOUTS: weakref.WeakSet[Fanout] = weakref.WeakSet()
 
 
@@ -228,25 +402,20 @@ class Fanout:
     def __init__(self, nodes: Sequence[Node], timeout: float) -> None:
         self.nodes = tuple(nodes)
         self.timeout = timeout
-        self._idle: list[list[Conn]] = []
+        self._idle: list[list[_Wire]] = []
+        self._health = [_Health() for _ in self.nodes]
         _FANOUTS.add(self)
 
     def _forget_connections(self) -> None:
         # In a forked child: the parent's sockets are not ours to use or shut down.
         self._idle = []
 
-    def _checkout(self) -> list[Conn]:
-        try:
-            return self._idle.pop()
-        except IndexError:
-            return [node.connect(self.timeout) for node in self.nodes]
-
     def close(self) -> None:
         """Close every idle connection."""
         idle, self._idle = self._idle, []
-        for conns in idle:
-            for conn in conns:
-                conn.disconnect()
+        for wires in idle:
+            for wire in wires:
+                wire.close()
 
     def script(
         self,
@@ -257,7 +426,7 @@ class Fanout:
     ) -> list[Reply]:
         """Run ``script`` by EVALSHA on every node (or ``targets``); see :meth:`call`."""
         return self.call(
-            pack(b"EVALSHA", script.sha, len(keys), *keys, *args),
+            script.evalsha_head(len(keys), len(args)) + pack_args(*keys, *args),
             lambda: pack(b"EVAL", script.source, len(keys), *keys, *args),
             targets,
         )
@@ -276,44 +445,44 @@ class Fanout:
         ``None``. A node that answers NOSCRIPT (its script cache was flushed)
         is sent ``fallback()``, the same call as EVAL.
         """
-        conns = self._checkout()
-        replies: list[Reply] = [None] * len(conns)
-        sent: list[int] = []
-        chunk = [packed]
         try:
-            for i in range(len(conns)) if targets is None else targets:
+            wires = self._idle.pop()
+        except IndexError:
+            wires = [_Wire(n, self.timeout, h) for n, h in zip(self.nodes, self._health)]
+        replies: list[Reply] = [None] * len(wires)
+        sent: list[int] = []
+        try:
+            for i in range(len(wires)) if targets is None else targets:
                 try:
-                    conns[i].send_packed_command(chunk, check_health=False)
+                    wires[i].send(packed)
                     sent.append(i)
-                except Exception as exc:  # connection refused, reset, TLS or auth failure
+                except Exception as exc:  # refused, reset, TLS or auth failure
                     replies[i] = exc
             late = False
             for i in sent:
-                conn = conns[i]
+                wire = wires[i]
+                if late and not wire.ready():
+                    replies[i] = wire.fail(
+                        redis.TimeoutError(f"no reply from {wire.node.name} within {self.timeout}s")
+                    )
+                    continue
                 try:
-                    if late and not conn.can_read(timeout=0):
-                        conn.disconnect()
-                        replies[i] = redis.TimeoutError(
-                            f"no reply from {self.nodes[i].name} within {self.timeout}s"
-                        )
-                        continue
-                    replies[i] = conn.read_response()
-                except NoScriptError as exc:
-                    replies[i] = _resend(conn, fallback, exc)
-                except ResponseError as exc:
-                    replies[i] = exc
-                except (TimeoutError, redis.TimeoutError) as exc:
+                    reply = wire.read()
+                    if type(reply) is NoScriptError:
+                        reply = _resend(wire, fallback, reply)
+                    replies[i] = reply
+                except redis.TimeoutError as exc:
                     late = True
                     replies[i] = exc
                 except Exception as exc:
                     replies[i] = exc
         except BaseException:
             # Interrupted half-way (KeyboardInterrupt): replies may be left unread.
-            for conn in conns:
-                conn.disconnect()
+            for wire in wires:
+                wire.close()
             raise
         finally:
-            self._idle.append(conns)
+            self._idle.append(wires)
         return replies
 
     def admin_call(self, commands: Sequence[bytes], timeout: float) -> list[list[Reply]]:
@@ -322,34 +491,32 @@ class Fanout:
         For rare administrative work (version checks, the CLI). Returns, per
         node, one reply per command.
         """
-        conns = [node.connect(timeout) for node in self.nodes]
-        replies: list[list[Reply]] = [[] for _ in conns]
+        wires = [_Wire(node, timeout) for node in self.nodes]
+        replies: list[list[Reply]] = [[] for _ in wires]
         try:
-            for i, conn in enumerate(conns):
+            for i, wire in enumerate(wires):
                 try:
-                    conn.send_packed_command([b"".join(commands)], check_health=False)
+                    wire.send(b"".join(commands))
                 except Exception as exc:
                     replies[i] = [exc] * len(commands)
-            for i, conn in enumerate(conns):
+            for i, wire in enumerate(wires):
                 while len(replies[i]) < len(commands):
                     try:
-                        replies[i].append(conn.read_response())
-                    except ResponseError as exc:
-                        replies[i].append(exc)
+                        replies[i].append(wire.read())
                     except Exception as exc:
                         replies[i].extend([exc] * (len(commands) - len(replies[i])))
         finally:
-            for conn in conns:
-                conn.disconnect()
+            for wire in wires:
+                wire.close()
         return replies
 
 
-def _resend(conn: Conn, fallback: Callable[[], bytes] | None, exc: Exception) -> Reply:
+def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Exception) -> Reply:
     if fallback is None:
         return exc
     try:
-        conn.send_packed_command([fallback()], check_health=False)
-        return conn.read_response()
+        wire.send(fallback())
+        return wire.read()
     except Exception as exc2:
         return exc2
 

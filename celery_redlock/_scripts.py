@@ -9,6 +9,7 @@ theirs block ours.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 
@@ -24,6 +25,21 @@ class Script:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source).hexdigest().encode())
+
+    def evalsha_head(self, nkeys: int, nargs: int) -> bytes:
+        """The RESP start of ``EVALSHA sha nkeys``, before the keys and arguments."""
+        return _evalsha_head(self.sha, nkeys, nargs)
+
+
+@functools.lru_cache(maxsize=64)
+def _evalsha_head(sha: bytes, nkeys: int, nargs: int) -> bytes:
+    count = b"%d" % nkeys
+    return b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$%d\r\n%s\r\n" % (
+        3 + nkeys + nargs,
+        sha,
+        len(count),
+        count,
+    )
 
 
 # KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the TTL in ms.
