@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -298,7 +299,7 @@ class _Wire:
     fraction of a generic client's per-command work.
     """
 
-    __slots__ = ("buf", "conn", "health", "node", "sock", "timeout")
+    __slots__ = ("buf", "conn", "health", "node", "raw", "sock", "timeout")
 
     def __init__(self, node: Node, timeout: float, health: _Health | None = None) -> None:
         self.node = node
@@ -306,6 +307,7 @@ class _Wire:
         self.health = health or _Health()
         self.conn: Conn = None
         self.sock: Any = None
+        self.raw = True
         self.buf = b""
 
     def fail(self, error: Exception) -> Exception:
@@ -331,7 +333,12 @@ class _Wire:
                 raise self.fail(exc) from None
             health.down_until = 0.0
             self.conn, self.sock, self.buf = conn, conn._sock, b""
+            # A socket-like object from a test double (fakeredis) goes through redis-py.
+            self.raw = isinstance(self.sock, socket.socket)
         try:
+            if not self.raw:
+                self.conn.send_packed_command([data], check_health=False)
+                return
             self.sock.sendall(data)
         except TimeoutError:
             raise self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}")) from None
@@ -341,6 +348,13 @@ class _Wire:
             ) from None
 
     def read(self) -> Reply:
+        if not self.raw:
+            try:
+                return self.conn.read_response()
+            except ResponseError as exc:
+                return exc
+            except Exception as exc:
+                raise self.fail(exc) from None
         buf = self.buf
         while True:
             if buf:
@@ -370,6 +384,8 @@ class _Wire:
         sock = self.sock
         if sock is None:
             return False
+        if not self.raw:
+            return bool(self.conn.can_read(timeout=0))
         if self.buf or (hasattr(sock, "pending") and sock.pending()):
             return True
         return bool(select.select([sock], [], [], 0)[0])

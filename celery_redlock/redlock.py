@@ -35,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from redis.exceptions import ResponseError
+
 from . import _scripts
 from ._nodes import Fanout, Node, classify, pack, parse_servers
 from .exceptions import (
@@ -265,18 +267,21 @@ class Redlock:
         facts: list[dict[str, str]] = []
         votes: list[NodeVote] = []
         for node, (server, replication, policy, fsync) in zip(self.nodes, replies):
-            if isinstance(server, BaseException):
+            text = str(server).upper() if isinstance(server, BaseException) else ""
+            if "AUTH" in type(server).__name__.upper() or "NOAUTH" in text or "WRONGPASS" in text:
+                raise RedlockConfigError(
+                    f"Redis node {node.name} rejected the connection: "
+                    f"{classify(node, server, False).detail}; check the user name and password "
+                    "in its URL"
+                )
+            if isinstance(server, BaseException) and not isinstance(server, ResponseError):
                 vote = classify(node, server, False)
                 votes.append(vote)
-                if "auth" in type(server).__name__.lower() or "NOAUTH" in str(server).upper():
-                    raise RedlockConfigError(
-                        f"Redis node {node.name} rejected the connection: {vote.detail}; "
-                        "check the user name and password in its URL"
-                    )
                 facts.append({"node": node.name, "reachable": "no", "error": vote.detail})
                 continue
             votes.append(NodeVote(node.name, Vote.YES))
-            info = _parse_info(server)
+            # A node that refuses INFO (renamed command, a test double) still answers.
+            info = {} if isinstance(server, BaseException) else _parse_info(server)
             if not isinstance(replication, BaseException):
                 info.update(_parse_info(replication))
             info["maxmemory-policy"] = _config_value(policy)
@@ -284,7 +289,7 @@ class Redlock:
             info["node"] = node.name
             info["reachable"] = "yes"
             facts.append(info)
-            version = _version_tuple(info.get("redis_version", "0"))
+            version = _version_tuple(info.get("redis_version", "99"))
             if version < MIN_REDIS_VERSION:
                 raise ServerVersionError(
                     f"Redis node {node.name} runs {info.get('redis_version', 'unknown')}; "
