@@ -79,10 +79,12 @@ FENCE_WRITE = Script(
 )
 
 # KEYS[1] the lock key; ARGV[1] the owner's token.
-# Deletes the key only if it holds the caller's token.
+# Deletes the key only if it holds the caller's token, and then publishes the
+# key on the channel "celery_redlock:released" to wake waiters (see _wakeup.py).
 # Returns 1 when deleted, 0 when the key was absent or held by another token.
 RELEASE = Script(
-    b"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
+    b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
 )
 
 # KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the new TTL in ms.

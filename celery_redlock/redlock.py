@@ -39,6 +39,7 @@ from redis.exceptions import ResponseError
 
 from . import _scripts
 from ._nodes import Fanout, Node, classify, pack, parse_servers
+from ._wakeup import Listener
 from .exceptions import (
     LockExtendError,
     LockNotAcquired,
@@ -240,6 +241,7 @@ class Redlock:
         self.quorum = len(self.nodes) // 2 + 1
         self._fanout = Fanout(self.nodes, self.node_timeout)
         self._held: set[tuple[str, str]] = set()
+        self._listener = Listener(self.nodes)
         self._finalizer = weakref.finalize(
             self, _release_all, self._fanout, self._held if self.auto_release else set()
         )
@@ -421,34 +423,46 @@ class Redlock:
         deadline = None if wait is None else time.monotonic() + _number("wait", wait)
         key = resource.encode()
         tried = 0
-        while True:
-            tried += 1
-            lock, votes = self._attempt(resource, key, token, ttl, ttl_ms, fencing)
-            if lock is not None:
-                return lock
-            failed = [v for v in votes if v.vote in (Vote.ERROR, Vote.TIMEOUT)]
-            if failed:
-                self._log.log(
-                    logging.DEBUG,
-                    "lock %r attempt %d: nodes failed: %s",
-                    resource,
-                    tried,
-                    ", ".join(map(str, failed)),
-                )
-            pause = random.uniform(0, delay)
-            if deadline is None:
-                if tried >= attempts:
-                    break
-            else:
+        # A waiter is woken by the holder's release; the retry delay is the fallback poll.
+        wakeup = self._listener.register(key) if deadline is not None else None
+        try:
+            while True:
+                tried += 1
+                if wakeup is not None:
+                    wakeup.clear()
+                lock, votes = self._attempt(resource, key, token, ttl, ttl_ms, fencing)
+                if lock is not None:
+                    return lock
+                self._log_attempt(resource, tried, votes)
+                if deadline is None:
+                    if tried >= attempts:
+                        break
+                    time.sleep(random.uniform(0, delay))
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                pause = min(pause, left)
-            time.sleep(pause)
+                if wakeup is not None and wakeup.wait(min(delay, left)):
+                    # Released: contenders woken together spread out a little.
+                    time.sleep(random.uniform(0, min(0.001 * self.quorum, left)))
+        finally:
+            if wakeup is not None:
+                self._listener.unregister(key, wakeup)
         error = LockNotAcquired(resource, votes, tried)
         if error.unavailable:
             self._log.log(logging.WARNING, "%s", error)
         raise error
+
+    def _log_attempt(self, resource: str, tried: int, votes: list[NodeVote]) -> None:
+        failed = [v for v in votes if v.vote in (Vote.ERROR, Vote.TIMEOUT)]
+        if failed:
+            self._log.log(
+                logging.DEBUG,
+                "lock %r attempt %d: nodes failed: %s",
+                resource,
+                tried,
+                ", ".join(map(str, failed)),
+            )
 
     def lock(
         self,
@@ -610,6 +624,7 @@ class Redlock:
 
     def close(self) -> None:
         """Release held locks when ``auto_release`` is set, then close every connection."""
+        self._listener.close()
         self._finalizer()
 
     def __enter__(self) -> Redlock:
