@@ -105,6 +105,18 @@ class Node:
         )
         return self.connection_class(**kwargs)
 
+    def client(self, timeout: float) -> redis.Redis:
+        """A new ``redis.Redis`` for this node, for administrative commands (SCAN, INFO)."""
+        kwargs = dict(self.connection_kwargs)
+        kwargs.update(
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        pool = redis.ConnectionPool(connection_class=self.connection_class, **kwargs)
+        return redis.Redis(connection_pool=pool)
+
     def __repr__(self) -> str:
         return f"Node({self.name!r})"
 

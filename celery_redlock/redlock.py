@@ -250,38 +250,31 @@ class Redlock:
 
     # -- construction checks -------------------------------------------------
 
-    def check_servers(self) -> list[dict[str, str]]:
-        """Check the nodes' versions and settings; return each node's facts.
-
-        Raises :class:`ServerVersionError` for a node older than 2.6.12,
-        :class:`RedlockConfigError` for a node that rejects the credentials,
-        and :class:`QuorumUnavailable` when fewer than a quorum answer.
-        Warns once per node about replicas and eviction policies, and once
-        about a node count under 3 or even.
-        """
+    def server_facts(self, timeout: float = 2.0) -> list[dict[str, str]]:
+        """Each node's facts, never raising: ``node``, ``reachable`` ("yes"/"no"),
+        ``error``, ``auth_error`` ("yes" when the credentials were refused), and
+        from INFO/CONFIG ``redis_version``, ``role``, ``maxmemory-policy``,
+        ``appendfsync`` (empty when the node does not tell)."""
         commands = [
             pack("INFO", "server"),
             pack("INFO", "replication"),
             pack("CONFIG", "GET", "maxmemory-policy"),
             pack("CONFIG", "GET", "appendfsync"),
         ]
-        replies = self._fanout.admin_call(commands, max(self.node_timeout, 2.0))
+        replies = self._fanout.admin_call(commands, max(self.node_timeout, timeout))
         facts: list[dict[str, str]] = []
-        votes: list[NodeVote] = []
         for node, (server, replication, policy, fsync) in zip(self.nodes, replies):
-            text = str(server).upper() if isinstance(server, BaseException) else ""
-            if "AUTH" in type(server).__name__.upper() or "NOAUTH" in text or "WRONGPASS" in text:
-                raise RedlockConfigError(
-                    f"Redis node {node.name} rejected the connection: "
-                    f"{classify(node, server, False).detail}; check the user name and password "
-                    "in its URL"
-                )
             if isinstance(server, BaseException) and not isinstance(server, ResponseError):
-                vote = classify(node, server, False)
-                votes.append(vote)
-                facts.append({"node": node.name, "reachable": "no", "error": vote.detail})
+                text = f"{type(server).__name__} {server}".upper()
+                facts.append(
+                    {
+                        "node": node.name,
+                        "reachable": "no",
+                        "error": classify(node, server, False).detail,
+                        "auth_error": "yes" if "AUTH" in text or "WRONGPASS" in text else "",
+                    }
+                )
                 continue
-            votes.append(NodeVote(node.name, Vote.YES))
             # A node that refuses INFO (renamed command, a test double) still answers.
             info = {} if isinstance(server, BaseException) else _parse_info(server)
             if not isinstance(replication, BaseException):
@@ -291,28 +284,52 @@ class Redlock:
             info["node"] = node.name
             info["reachable"] = "yes"
             facts.append(info)
+        return facts
+
+    def check_servers(self) -> list[dict[str, str]]:
+        """Check the nodes' versions and settings; return each node's facts.
+
+        Raises :class:`ServerVersionError` for a node older than 2.6.12,
+        :class:`RedlockConfigError` for a node that rejects the credentials,
+        and :class:`QuorumUnavailable` when fewer than a quorum answer.
+        Warns once per node about replicas and eviction policies, and once
+        about a node count under 3 or even.
+        """
+        facts = self.server_facts()
+        votes: list[NodeVote] = []
+        for info in facts:
+            name = info["node"]
+            if info.get("auth_error"):
+                raise RedlockConfigError(
+                    f"Redis node {name} rejected the connection: {info['error']}; "
+                    "check the user name and password in its URL"
+                )
+            if info["reachable"] != "yes":
+                votes.append(NodeVote(name, Vote.ERROR, info["error"]))
+                continue
+            votes.append(NodeVote(name, Vote.YES))
             version = _version_tuple(info.get("redis_version", "99"))
             if version < MIN_REDIS_VERSION:
                 raise ServerVersionError(
-                    f"Redis node {node.name} runs {info.get('redis_version', 'unknown')}; "
+                    f"Redis node {name} runs {info.get('redis_version', 'unknown')}; "
                     "Redlock needs 2.6.12 or newer (SET with NX and PX)"
                 )
             role = info.get("role", "master")
             if role != "master":
                 self._warn_once(
-                    f"role:{node.name}",
+                    f"role:{name}",
                     "Redis node %s is a %s, not a master; a lock written to a replica may "
                     "be lost on failover. Point Redlock at independent masters.",
-                    node.name,
+                    name,
                     role,
                 )
             policy_name = info["maxmemory-policy"]
             if policy_name not in ("", "noeviction"):
                 self._warn_once(
-                    f"policy:{node.name}",
+                    f"policy:{name}",
                     "Redis node %s has maxmemory-policy %s, which can evict lock keys "
                     "before they expire; use noeviction on lock nodes.",
-                    node.name,
+                    name,
                     policy_name,
                 )
         reachable = sum(1 for v in votes if v.vote is Vote.YES)
