@@ -15,10 +15,12 @@ between two processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
 import socket
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -44,15 +46,22 @@ __all__ = ["Fanout", "Node", "ServerSpec", "pack", "pack_args", "parse_servers",
 ServerSpec = Union[str, "redis.Redis"]
 
 DEFAULT_PORT = 6379
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^@/]*@")
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#]*@")
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:/\s\[\]]+))(?::(?P<port>\d+))?$"
 )
 
 
 def redact(spec: str) -> str:
-    """``spec`` with any user name and password in a URL replaced by ``***``."""
-    return _URL_CREDENTIALS.sub("***@", spec)
+    """``spec`` with any user name and password replaced by ``***``.
+
+    Credentials end at the last ``@`` before the path, as URL parsers read them.
+    """
+    if "://" in spec:
+        return _URL_CREDENTIALS.sub("***@", spec)
+    if "@" in spec:
+        return "***@" + spec.rpartition("@")[2]
+    return spec
 
 
 def _encode(arg: bytes | str | int) -> bytes:
@@ -88,9 +97,12 @@ class Node:
 
     @property
     def identity(self) -> tuple[Any, ...]:
-        """What makes two nodes the same server and database (for the duplicate check)."""
+        """What makes two nodes the same server (for the duplicate check).
+
+        Two databases of one server are one node: they fail together.
+        """
         kw = dict(self.connection_kwargs)
-        return (kw.get("path"), kw.get("host"), kw.get("port"), kw.get("db", 0))
+        return (kw.get("path"), kw.get("host"), kw.get("port"))
 
     def connect(self, timeout: float) -> Conn:
         """A new, not yet connected, connection with ``timeout`` for connect and reads."""
@@ -177,6 +189,12 @@ def parse_server(spec: object) -> Node:
             )
         if scheme != "unix" and not kwargs.get("host"):
             raise RedlockConfigError(f"server {redact(text)!r} has no host name")
+        path = text.split("://", 1)[1].partition("?")[0].partition("/")[2]
+        if scheme != "unix" and path and not path.isdigit():
+            raise RedlockConfigError(
+                f"server {redact(text)!r} has database {path!r}; the path of a Redis URL is a "
+                "database number, e.g. 'redis://host:6379/0'"
+            )
         return _from_kwargs(kwargs)
     match = _HOST_PORT.match(text)
     if match is None:
@@ -216,8 +234,8 @@ def parse_servers(servers: object) -> list[Node]:
     for node in nodes:
         if node.identity in seen:
             raise RedlockConfigError(
-                f"server {node.name} is listed twice; each Redlock node must be a "
-                "different, independent Redis master"
+                f"server {node.name} is listed twice (databases of one server count as one); "
+                "each Redlock node must be a different, independent Redis master"
             )
         seen[node.identity] = node.name
     return nodes
@@ -329,24 +347,28 @@ class _Wire:
         self.health.reason = str(error)
         return error
 
+    def connect(self) -> None:
+        """Open the connection (TCP/unix/TLS, AUTH, SELECT), unless the node is cooling down."""
+        health = self.health
+        if health.down_until and time.monotonic() < health.down_until:
+            raise redis.ConnectionError(
+                f"{self.node.name} skipped for up to {NODE_COOLDOWN}s after: {health.reason}"
+            )
+        try:
+            conn = self.node.connect(self.timeout)
+            conn.connect()
+        except redis.AuthenticationError:
+            raise
+        except Exception as exc:
+            raise self.fail(exc) from None
+        health.down_until = 0.0
+        self.conn, self.sock, self.buf = conn, conn._sock, b""
+        # A socket-like object from a test double (fakeredis) goes through redis-py.
+        self.raw = isinstance(self.sock, socket.socket)
+
     def send(self, data: bytes) -> None:
         if self.sock is None:
-            health = self.health
-            if health.down_until and time.monotonic() < health.down_until:
-                raise redis.ConnectionError(
-                    f"{self.node.name} skipped for up to {NODE_COOLDOWN}s after: {health.reason}"
-                )
-            try:
-                conn = self.node.connect(self.timeout)
-                conn.connect()
-            except redis.AuthenticationError:
-                raise
-            except Exception as exc:
-                raise self.fail(exc) from None
-            health.down_until = 0.0
-            self.conn, self.sock, self.buf = conn, conn._sock, b""
-            # A socket-like object from a test double (fakeredis) goes through redis-py.
-            self.raw = isinstance(self.sock, socket.socket)
+            self.connect()
         try:
             if not self.raw:
                 self.conn.send_packed_command([data], check_health=False)
@@ -406,6 +428,27 @@ class _Wire:
         conn, self.conn, self.sock, self.buf = self.conn, None, None, b""
         if conn is not None:
             conn.disconnect()
+
+
+def _connect_together(wires: Sequence[_Wire]) -> None:
+    """Open several connections at once, so k stalled nodes cost one timeout, not k.
+
+    Only on (re)connect, when more than one node needs it; errors are left for
+    the send that follows (the node is then cooling down, with the reason).
+    """
+    if len(wires) < 2:
+        return
+
+    def open_one(wire: _Wire) -> None:
+        with contextlib.suppress(Exception):
+            wire.connect()
+
+    threads = [threading.Thread(target=open_one, args=(w,), daemon=True) for w in wires[1:]]
+    for thread in threads:
+        thread.start()
+    open_one(wires[0])
+    for thread in threads:
+        thread.join()
 
 
 _FANOUTS: weakref.WeakSet[Fanout] = weakref.WeakSet()
@@ -479,8 +522,10 @@ class Fanout:
             wires = [_Wire(n, self.timeout, h) for n, h in zip(self.nodes, self._health)]
         replies: list[Reply] = [None] * len(wires)
         sent: list[int] = []
+        order = range(len(wires)) if targets is None else list(targets)
         try:
-            for i in range(len(wires)) if targets is None else targets:
+            _connect_together([wires[i] for i in order if wires[i].sock is None])
+            for i in order:
                 try:
                     wires[i].send(packed)
                     sent.append(i)
@@ -522,6 +567,7 @@ class Fanout:
         wires = [_Wire(node, timeout) for node in self.nodes]
         replies: list[list[Reply]] = [[] for _ in wires]
         try:
+            _connect_together(wires)
             for i, wire in enumerate(wires):
                 try:
                     wire.send(b"".join(commands))

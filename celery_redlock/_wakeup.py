@@ -29,6 +29,8 @@ __all__ = ["CHANNEL", "Listener"]
 CHANNEL = b"celery_redlock:released"
 #: Seconds a listener waits before reconnecting to a node that failed.
 RECONNECT_DELAY = 1.0
+#: Socket timeout of a listener's connection (a stopped node cannot hold it forever).
+LISTEN_TIMEOUT = 10.0
 
 _log = logging.getLogger(__name__)
 
@@ -86,7 +88,12 @@ class Listener:
     def _listen(self, node: Node, stop: threading.Event) -> None:
         while not stop.is_set():
             kwargs = dict(node.connection_kwargs)
-            kwargs.update(socket_timeout=None, socket_keepalive=True, decode_responses=False)
+            kwargs.update(
+                socket_timeout=LISTEN_TIMEOUT,
+                socket_connect_timeout=LISTEN_TIMEOUT,
+                socket_keepalive=True,
+                decode_responses=False,
+            )
             pool = redis.ConnectionPool(connection_class=node.connection_class, **kwargs)
             client = redis.Redis(connection_pool=pool)
             pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]

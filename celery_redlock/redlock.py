@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import secrets
 import time
@@ -179,8 +180,15 @@ class Lock:
         self.release()
 
 
-def _release_all(fanout: Fanout, held: set[tuple[str, str]]) -> None:
-    """Release every lock in ``held`` (auto_release at close, collection or exit)."""
+def _shutdown(fanout: Fanout, listener: Listener, held: set[tuple[str, str]], pid: int) -> None:
+    """Close a manager: release ``held`` (auto_release), stop the listener, close connections.
+
+    Runs at ``close()``, when the manager is collected, or at interpreter exit;
+    in a forked child it does nothing: the parent's locks are the parent's.
+    """
+    if os.getpid() != pid:
+        return
+    listener.close()
     for resource, value in list(held):
         with contextlib.suppress(Exception):  # best effort, also at interpreter exit
             fanout.script(_scripts.RELEASE, (resource.encode(),), (value,))
@@ -243,7 +251,12 @@ class Redlock:
         self._held: set[tuple[str, str]] = set()
         self._listener = Listener(self.nodes)
         self._finalizer = weakref.finalize(
-            self, _release_all, self._fanout, self._held if self.auto_release else set()
+            self,
+            _shutdown,
+            self._fanout,
+            self._listener,
+            self._held if self.auto_release else set(),
+            os.getpid(),
         )
         if version_check:
             self.check_servers()
@@ -434,6 +447,11 @@ class Redlock:
         resource = _resource(resource)
         ttl_ms = _ttl_ms(ttl)
         ttl = ttl_ms / 1000.0
+        if ttl * (1 - self.drift_factor) <= DRIFT_CONSTANT:
+            raise RedlockConfigError(
+                f"ttl {ttl!r} s is too short to ever be valid: the clock drift allowance "
+                f"(drift_factor * ttl + {DRIFT_CONSTANT} s) eats it all; use at least 0.01 s"
+            )
         token = secrets.token_hex(16) if value is None else _value(value)
         attempts = max(1, self.retry_count if retry_count is None else retry_count)
         delay = self.retry_delay if retry_delay is None else _number("retry_delay", retry_delay)
@@ -641,7 +659,6 @@ class Redlock:
 
     def close(self) -> None:
         """Release held locks when ``auto_release`` is set, then close every connection."""
-        self._listener.close()
         self._finalizer()
 
     def __enter__(self) -> Redlock:

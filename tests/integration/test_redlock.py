@@ -1,0 +1,567 @@
+"""Redlock against five real redis-server masters (the session nodes), plus a few
+throwaway nodes for replicas, passwords and unix sockets."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import celery_redlock.redlock as redlock_mod
+from celery_redlock import (
+    LockNotAcquired,
+    QuorumUnavailable,
+    Redlock,
+    RedlockConfigError,
+    Vote,
+    _scripts,
+)
+from tests.servers import RedisServer
+
+N = 5
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FreshNodes = Callable[..., list[RedisServer]]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redlock_mod, "_WARNED", set())
+
+
+@pytest.fixture
+def clients(redis_urls: list[str]) -> Iterator[list[redis.Redis]]:
+    """Plain redis-py clients on the five (flushed) session nodes, to look behind Redlock."""
+    made = [redis.Redis.from_url(url, socket_timeout=2) for url in redis_urls]
+    yield made
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+def managers(redis_urls: list[str]) -> Iterator[Callable[..., Redlock]]:
+    made: list[Redlock] = []
+
+    def make(servers: list[Any] | None = None, **kwargs: Any) -> Redlock:
+        rl = Redlock(redis_urls if servers is None else servers, **kwargs)
+        made.append(rl)
+        return rl
+
+    yield make
+    for rl in made:
+        rl.close()
+
+
+def values(clients: list[redis.Redis], key: str) -> list[str | None]:
+    raw: list[Any] = [c.get(key) for c in clients]
+    return [None if v is None else v.decode() for v in raw]
+
+
+# --------------------------------------------------------------------------
+# The quorum, exhaustively
+
+SUBSETS = [frozenset(i for i in range(N) if mask >> i & 1) for mask in range(2**N)]
+
+
+@pytest.mark.parametrize(
+    "held", SUBSETS, ids=lambda s: "held-" + ("".join(map(str, sorted(s))) or "none")
+)
+def test_acquired_exactly_when_the_free_nodes_form_a_quorum(
+    clients: list[redis.Redis], managers: Callable[..., Redlock], held: frozenset[int]
+) -> None:
+    """Pre-hold the key on ``held``: the lock is had iff >= 3 nodes are free, and a
+    failed attempt leaves our token on no node."""
+    for i in held:
+        clients[i].set("q", "theirs", px=30_000)
+    rl = managers(retry_count=0)
+    free = N - len(held)
+    if free < 3:
+        with pytest.raises(LockNotAcquired) as caught:
+            rl.acquire("q", 10, value="ours")
+        expected = [Vote.HELD if i in held else Vote.YES for i in range(N)]
+        assert [v.vote for v in caught.value.votes] == expected
+        assert caught.value.unavailable is False
+        assert values(clients, "q") == ["theirs" if i in held else None for i in range(N)]
+        return
+    lock = rl.acquire("q", 10, value="ours")
+    assert lock.validity > 9
+    assert values(clients, "q") == ["theirs" if i in held else "ours" for i in range(N)]
+    assert rl.release(lock) is True
+    assert values(clients, "q") == ["theirs" if i in held else None for i in range(N)]
+
+
+# --------------------------------------------------------------------------
+# Expiry, extend, release, re-entry
+
+
+def test_a_lock_is_free_again_once_it_expires(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    first, second = managers(retry_count=0), managers(retry_count=0)
+    lock = first.lock("exp", 0.3)
+    assert lock is not None
+    assert second.lock("exp", 0.3) is None
+    time.sleep(0.35)
+    assert values(clients, "exp") == [None] * N
+    assert lock.remaining == 0.0
+    assert second.lock("exp", 0.3) is not None
+
+
+def test_extend_keeps_the_lock_held_past_its_original_ttl(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    owner, other = managers(retry_count=0), managers(retry_count=0)
+    lock = owner.lock("ext", 1.0)
+    assert lock is not None
+    time.sleep(0.3)
+    assert lock.extend(2.0) is True
+    time.sleep(1.0)  # 1.3 s after taking a 1 s lock
+    assert other.lock("ext", 1.0) is None
+    assert values(clients, "ext") == [lock.value] * N
+    assert lock.remaining is not None
+    assert lock.remaining > 0
+    assert lock.release() is True
+
+
+def test_extend_of_an_expired_lock_returns_false(managers: Callable[..., Redlock]) -> None:
+    rl = managers()
+    lock = rl.lock("gone", 0.1)
+    assert lock is not None
+    time.sleep(0.15)
+    assert rl.extend(lock, 10) is False
+    assert rl.extend("gone", 10, lock.value) is False  # by name: the keys expired
+    assert rl.holder("gone") is None
+
+
+def test_release_deletes_on_every_node_and_only_our_token(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    rl = managers()
+    lock = rl.lock("rel", 10)
+    assert lock is not None
+    assert values(clients, "rel") == [lock.value] * N
+    clients[4].set("rel", "someone-else")
+    assert rl.release(lock) is True
+    assert values(clients, "rel") == [None] * 4 + ["someone-else"]
+
+
+def test_release_of_a_lock_not_owned_returns_false(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    for c in clients:
+        c.set("own", "owner", px=10_000)
+    rl = managers()
+    assert rl.release("own", "intruder") is False
+    assert values(clients, "own") == ["owner"] * N
+
+
+def test_reentry_with_the_same_value_is_granted_and_rearms(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    rl = managers(retry_count=0)
+    assert rl.lock("re", 0.5, value="task-1") is not None
+    again = managers(retry_count=0).lock("re", 20, value="task-1")  # e.g. the retried task
+    assert again is not None
+    assert all(c.pttl("re") > 15_000 for c in clients)
+    assert rl.lock("re", 20, value="task-2") is None
+
+
+def test_locked_waits_for_the_holder_and_is_woken_by_its_release(
+    managers: Callable[..., Redlock],
+) -> None:
+    holder, waiter = managers(), managers(retry_delay=3.0)
+    lock = holder.lock("wake", 10)
+    assert lock is not None
+    timer = threading.Timer(0.3, lock.release)
+    timer.start()
+    started = time.monotonic()
+    with waiter.locked("wake", 10, wait=5.0) as mine:
+        waited = time.monotonic() - started
+        assert waiter.holder("wake") == mine.value
+    timer.join()
+    assert 0.25 < waited < 1.5  # woken by the release, not by the 3 s poll
+    assert waiter.holder("wake") is None
+
+
+# --------------------------------------------------------------------------
+# Fencing
+
+
+def test_fences_strictly_increase_across_successive_holders_on_different_quorums(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    """Every 3-node quorum in turn (the other two held by a blocker): each new
+    holder's fence is above the previous one."""
+    holders = [managers(retry_count=0), managers(retry_count=0)]
+    fences: list[int] = []
+    for n, quorum in enumerate(itertools.combinations(range(N), 3)):
+        for i in range(N):
+            if i in quorum:
+                clients[i].delete("fx")
+            else:
+                clients[i].set("fx", "blocker", px=10_000)
+        lock = holders[n % 2].lock("fx", 10, fencing=True)
+        assert lock is not None, quorum
+        assert lock.fence is not None
+        fences.append(lock.fence)
+        assert lock.release() is True
+    assert len(fences) == 10
+    assert all(a < b for a, b in itertools.pairwise(fences)), fences
+
+
+def test_fence_exceeds_a_higher_counter_found_on_some_nodes(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    clients[1].set("fh:fence", 100)
+    clients[3].set("fh:fence", 41)
+    rl = managers()
+    first = rl.lock("fh", 10, fencing=True)
+    assert first is not None
+    assert first.fence == 101
+    first.release()
+    second = rl.lock("fh", 10, fencing=True)
+    assert second is not None
+    assert second.fence == 102
+    assert [int(c.get("fh:fence") or 0) for c in clients] == [102] * N
+    assert all(c.ttl("fh:fence") == -1 for c in clients)
+
+
+def test_a_fence_write_short_of_a_quorum_fails_the_acquisition(
+    clients: list[redis.Redis], managers: Callable[..., Redlock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock is taken over on 3 nodes between the read and the write of the fence:
+    the write reaches 2 nodes only, so the lock is not granted and is undone."""
+    rl = managers(retry_count=0)
+    real = rl._fanout.script
+
+    def script(script: _scripts.Script, keys: Any, args: Any, targets: Any = None) -> list[Any]:
+        if script is _scripts.FENCE_WRITE:
+            for c in clients[:3]:
+                c.set("fw", "thief", px=10_000)
+        return real(script, keys, args, targets)
+
+    monkeypatch.setattr(rl._fanout, "script", script)
+    assert rl.lock("fw", 10, value="ours", fencing=True) is None
+    assert values(clients, "fw") == ["thief"] * 3 + [None] * 2
+    assert [c.get("fw:fence") for c in clients[:3]] == [None] * 3  # refused there
+
+
+def test_force_release_keeps_the_fence_counter(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    rl = managers()
+    first = rl.lock("ff", 10, fencing=True)
+    assert first is not None
+    assert first.fence is not None
+    assert rl.force_release("ff") == N
+    second = rl.lock("ff", 10, fencing=True)
+    assert second is not None
+    assert second.fence is not None
+    assert second.fence > first.fence
+
+
+# --------------------------------------------------------------------------
+# Scripts flushed, inspect, holder, force_release
+
+
+def test_noscript_after_script_flush_on_a_majority_is_handled(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    rl = managers()
+    warm = rl.lock("ns", 10, fencing=True)
+    assert warm is not None
+    assert rl.release(warm)
+
+    def flush() -> None:
+        for c in clients[:3]:
+            c.script_flush()
+        sha = _scripts.RELEASE.sha.decode()
+        assert [c.script_exists(sha) for c in clients] == [[False]] * 3 + [[True]] * 2
+
+    flush()
+    lock = rl.lock("ns", 10, fencing=True)
+    assert lock is not None
+    assert values(clients, "ns") == [lock.value] * N
+    flush()
+    assert rl.extend(lock, 20) is True
+    assert all(c.pttl("ns") > 15_000 for c in clients)
+    flush()
+    assert rl.holder("ns") == lock.value
+    flush()
+    assert rl.release(lock) is True
+    assert values(clients, "ns") == [None] * N
+
+
+def test_holder_inspect_and_force_release(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    rl = managers()
+    assert rl.holder("adm") is None
+    lock = rl.lock("adm", 10)
+    assert lock is not None
+    assert rl.holder("adm") == lock.value
+    info = rl.inspect("adm")
+    assert info.holder == lock.value
+    assert info.nodes_holding == N
+    assert info.ttl_left is not None
+    assert 9 < info.ttl_left <= 10
+    assert [node for node, _, _ in info.per_node] == [n.name for n in rl.nodes]
+    assert all(
+        token == lock.value and ms is not None and ms > 9000 for _, token, ms in info.per_node
+    )
+    clients[0].set("adm", "other")
+    clients[1].delete("adm")
+    info = rl.inspect("adm")
+    assert (info.holder, info.nodes_holding) == (lock.value, 3)
+    assert info.per_node[0][1:] == ("other", -1)
+    assert info.per_node[1][1:] == (None, -2)
+    assert rl.force_release("adm") == 4
+    assert values(clients, "adm") == [None] * N
+    assert rl.holder("adm") is None
+    assert rl.release(lock) is False
+
+
+def test_holder_is_none_when_no_token_has_a_quorum(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    for i, token in enumerate(["a", "a", "b", "b", None]):
+        if token:
+            clients[i].set("split", token)
+    assert managers().holder("split") is None
+
+
+# --------------------------------------------------------------------------
+# Construction checks on real servers
+
+
+def records(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_version_check_warns_about_a_replica(
+    redis_urls: list[str], fresh_nodes: FreshNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (master,) = fresh_nodes(1)
+    (replica,) = fresh_nodes(1, extra_args=["--replicaof", master.host, str(master.port)])
+    caplog.set_level(logging.WARNING, logger="celery_redlock")
+    rl = Redlock([*redis_urls[:4], replica.url])
+    try:
+        warnings = records(caplog)
+        assert len(warnings) == 1
+        assert f"127.0.0.1:{replica.port}" in warnings[0]
+        assert "not a master" in warnings[0]
+    finally:
+        rl.close()
+
+
+@pytest.mark.parametrize("policy", ["allkeys-lru", "volatile-lru"])
+def test_version_check_warns_about_an_eviction_policy(
+    redis_urls: list[str],
+    fresh_nodes: FreshNodes,
+    caplog: pytest.LogCaptureFixture,
+    policy: str,
+) -> None:
+    (evicting,) = fresh_nodes(1, extra_args=["--maxmemory-policy", policy])
+    caplog.set_level(logging.WARNING, logger="celery_redlock")
+    rl = Redlock([evicting.url, *redis_urls[:4]])
+    try:
+        warnings = records(caplog)
+        assert len(warnings) == 1
+        assert policy in warnings[0]
+        assert f"127.0.0.1:{evicting.port}" in warnings[0]
+    finally:
+        rl.close()
+
+
+def test_version_check_warns_about_an_even_count_once(
+    redis_urls: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_redlock")
+    Redlock(redis_urls[:4]).close()
+    Redlock(redis_urls[:4]).close()
+    warnings = records(caplog)
+    assert len(warnings) == 1
+    assert "4 node" in warnings[0]
+
+
+def test_healthy_masters_raise_no_warning(
+    redis_urls: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_redlock")
+    rl = Redlock(redis_urls)
+    facts = rl.check_servers()
+    rl.close()
+    assert records(caplog) == []
+    assert [f["reachable"] for f in facts] == ["yes"] * N
+    assert all(f.get("role") == "master" for f in facts)
+    assert all(f["redis_version"] for f in facts)
+
+
+def test_fewer_than_a_quorum_reachable_at_construction_names_the_nodes(
+    fresh_nodes: FreshNodes,
+) -> None:
+    nodes = fresh_nodes(N)
+    urls = [node.url for node in nodes]
+    for node in nodes[:3]:
+        node.kill()
+    started = time.monotonic()
+    with pytest.raises(QuorumUnavailable) as caught:
+        Redlock(urls)
+    assert time.monotonic() - started < 2.0
+    for node in nodes[:3]:
+        assert f"127.0.0.1:{node.port}" in str(caught.value)
+    assert [v.vote for v in caught.value.votes] == [Vote.ERROR] * 3 + [Vote.YES] * 2
+
+
+PASSWORD = "s3cret-Pass"
+WRONG = "wr0ng-Guess"
+
+
+@pytest.mark.parametrize(
+    "auth", [f":{WRONG}@", f"default:{WRONG}@", ""], ids=["wrong", "wrong-user", "none"]
+)
+def test_a_rejected_password_is_a_config_error_that_does_not_show_it(
+    fresh_nodes: FreshNodes, auth: str
+) -> None:
+    nodes = fresh_nodes(3, password=PASSWORD)
+    urls = [f"redis://{auth}127.0.0.1:{node.port}/0" for node in nodes]
+    with pytest.raises(RedlockConfigError) as caught:
+        Redlock(urls)
+    text = f"{caught.value} {caught.value!r}"
+    assert f"127.0.0.1:{nodes[0].port}" in text
+    assert WRONG not in text
+    assert PASSWORD not in text
+
+
+def test_the_right_password_works_and_never_shows(fresh_nodes: FreshNodes) -> None:
+    nodes = fresh_nodes(3, password=PASSWORD)
+    urls = [f"redis://default:{PASSWORD}@127.0.0.1:{node.port}/0" for node in nodes]
+    with Redlock(urls) as rl:
+        assert PASSWORD not in repr(rl)
+        lock = rl.lock("pw", 10)
+        assert lock is not None
+        assert PASSWORD not in repr(lock)
+        assert nodes[0].client().get("pw") == lock.value.encode()
+        assert rl.release(lock) is True
+
+
+def test_unix_socket_and_tcp_nodes_mix(
+    redis_urls: list[str], fresh_nodes: FreshNodes, clients: list[redis.Redis]
+) -> None:
+    (unix,) = fresh_nodes(1, unix_socket=True)
+    with Redlock([unix.url, *redis_urls[:2]]) as rl:
+        assert rl.nodes[0].name == f"unix:{unix.unix_socket}"
+        lock = rl.lock("ux", 10)
+        assert lock is not None
+        assert unix.client().get("ux") == lock.value.encode()
+        assert values(clients[:2], "ux") == [lock.value] * 2
+        assert rl.release(lock) is True
+        assert unix.client().get("ux") is None
+
+
+def test_redis_clients_and_urls_mix(
+    redis_urls: list[str], redis_nodes: list[RedisServer], clients: list[redis.Redis]
+) -> None:
+    servers: list[Any] = [
+        redis_urls[0],
+        f"{redis_nodes[1].host}:{redis_nodes[1].port}",
+        redis.Redis(host=redis_nodes[2].host, port=redis_nodes[2].port),
+    ]
+    with Redlock(servers) as rl:
+        lock = rl.lock("mix", 10)
+        assert lock is not None
+        assert values(clients[:3], "mix") == [lock.value] * 3
+
+
+# --------------------------------------------------------------------------
+# auto_release across the process's life
+
+
+EXIT_PROGRAM = """
+import sys
+from celery_redlock import Redlock
+rl = Redlock(sys.argv[1].split(","), auto_release=sys.argv[2] == "1")
+held = rl.lock("at-exit", 30)
+print(held.value, flush=True)
+# no close(): the interpreter exits with the lock held
+"""
+
+
+@pytest.mark.parametrize("auto_release", [True, False])
+def test_auto_release_releases_at_interpreter_exit(
+    redis_urls: list[str], clients: list[redis.Redis], auto_release: bool
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_PROGRAM, ",".join(redis_urls), "1" if auto_release else "0"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    token = result.stdout.strip()
+    assert len(token) == 32
+    assert values(clients, "at-exit") == ([None] * N if auto_release else [token] * N)
+
+
+FORK_PROGRAM = """
+import os, sys
+from celery_redlock import Redlock
+rl = Redlock(sys.argv[1].split(","), auto_release=True)
+held = rl.lock("forked", 30)
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # the child leaves normally, as a forked worker may
+os.waitpid(pid, 0)
+print("held" if rl.holder("forked") == held.value else "lost", flush=True)
+"""
+
+
+def test_a_forked_child_exiting_does_not_release_the_parents_locks(
+    redis_urls: list[str],
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_PROGRAM, ",".join(redis_urls)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.strip() == "held"
+
+
+def test_resp3_clients_work_as_nodes(
+    redis_nodes: list[RedisServer], redis_urls: list[str], clients: list[redis.Redis]
+) -> None:
+    servers = [redis.Redis(host=n.host, port=n.port, protocol=3) for n in redis_nodes[:3]]
+    with Redlock(servers) as rl:
+        lock = rl.lock("r3", 10, fencing=True)
+        assert lock is not None
+        assert lock.fence == 1
+        assert values(clients[:3], "r3") == [lock.value] * 3
+        assert rl.inspect("r3").holder == lock.value
+        assert rl.extend(lock, 20) is True
+        assert rl.release(lock) is True
+        assert values(clients[:3], "r3") == [None] * 3
+
+
+def test_the_database_number_in_a_url_is_used(
+    redis_urls: list[str], redis_nodes: list[RedisServer]
+) -> None:
+    urls = [url.rsplit("/", 1)[0] + "/3" for url in redis_urls]
+    with Redlock(urls) as rl:
+        lock = rl.lock("in-db-3", 10)
+        assert lock is not None
+        for node in redis_nodes:
+            assert node.client(db=3).get("in-db-3") == lock.value.encode()
+            assert node.client(db=0).get("in-db-3") is None
+        assert rl.release(lock) is True

@@ -1,0 +1,192 @@
+"""Nodes killed (SIGKILL) or paused (SIGSTOP) under a live Redlock: a minority
+down changes nothing, a majority down fails fast and names the nodes, and
+locking resumes when they come back."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from celery_redlock import LockNotAcquired, Redlock, Vote, _nodes
+from tests.servers import RedisServer
+
+N = 5
+NODE_TIMEOUT = 0.1
+RETRY_COUNT = 3
+RETRY_DELAY = 0.2
+MARGIN = 0.3
+FreshNodes = Callable[..., list[RedisServer]]
+
+
+@pytest.fixture
+def nodes(fresh_nodes: FreshNodes) -> list[RedisServer]:
+    return fresh_nodes(N)
+
+
+@pytest.fixture
+def manager(nodes: list[RedisServer]) -> Iterator[Callable[..., Redlock]]:
+    made: list[Redlock] = []
+
+    def make(**kwargs: Any) -> Redlock:
+        kwargs.setdefault("node_timeout", NODE_TIMEOUT)
+        kwargs.setdefault("retry_count", RETRY_COUNT)
+        kwargs.setdefault("retry_delay", RETRY_DELAY)
+        rl = Redlock([node.url for node in nodes], **kwargs)
+        rl.release(rl.acquire("warm-up", 1))  # connections open, as in a running process
+        made.append(rl)
+        return rl
+
+    yield make
+    for rl in made:
+        rl.close()
+
+
+def name(node: RedisServer) -> str:
+    return f"127.0.0.1:{node.port}"
+
+
+def timed_cycles(rl: Redlock, seconds: float) -> list[float]:
+    """Lock and release for ``seconds``; each acquire's duration. Fails on a refusal."""
+    durations = []
+    until = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < until:
+        n += 1
+        started = time.monotonic()
+        lock = rl.lock(f"cycle-{n}", 10)
+        durations.append(time.monotonic() - started)
+        assert lock is not None, f"cycle {n} refused"
+        rl.release(lock)
+        time.sleep(0.05)
+    return durations
+
+
+# --------------------------------------------------------------------------
+# A minority down
+
+
+def test_a_minority_killed_leaves_locking_working(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    rl = manager()
+    nodes[0].kill()
+    nodes[3].kill()
+    for n in range(20):
+        lock = rl.acquire(f"k{n}", 10)
+        assert lock.validity > 9.5
+        assert rl.holder(f"k{n}") == lock.value
+        assert rl.extend(lock, 10) is True
+        assert rl.release(lock) is True
+    other = manager(version_check=False)
+    assert other.lock("k0", 10) is not None  # a second manager too
+    assert rl.lock("k0", 10) is None  # and they still exclude each other
+
+
+def test_a_minority_paused_leaves_locking_working(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """Locks keep coming through a minority of frozen nodes, across their cool-downs."""
+    rl = manager()
+    nodes[1].pause()
+    nodes[4].pause()
+    durations = timed_cycles(rl, 2.5)
+    assert len(durations) >= 10
+    # At worst one node timeout per stalled node (see the test below).
+    assert max(durations) < 2 * NODE_TIMEOUT + MARGIN, durations
+
+
+def test_nodes_frozen_on_open_connections_cost_one_node_timeout_in_all(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """Once one node has timed out, the others are not waited for one by one."""
+    timeout = 0.3
+    rl = manager(node_timeout=timeout, retry_count=0)
+    for node in nodes[:3]:
+        node.pause()
+    started = time.monotonic()
+    with pytest.raises(LockNotAcquired) as caught:
+        rl.acquire("frozen", 10)
+    elapsed = time.monotonic() - started
+    assert timeout <= elapsed < timeout + 0.25, f"{elapsed:.3f}s"
+    assert [v.vote for v in caught.value.votes] == [Vote.TIMEOUT] * 3 + [Vote.YES] * 2
+
+
+def test_a_minority_paused_costs_about_one_node_timeout_per_acquire(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """_nodes: 'a call never waits much longer than one timeout however many nodes stall'."""
+    timeout = 0.3
+    rl = manager(node_timeout=timeout, retry_count=0)
+    nodes[1].pause()
+    nodes[4].pause()
+    durations = timed_cycles(rl, _nodes.NODE_COOLDOWN + 1.2)  # spans a reconnect
+    assert max(durations) < timeout + 0.2, [round(d, 3) for d in durations]
+
+
+# --------------------------------------------------------------------------
+# A majority down, then back
+
+
+def majority_down_fails_fast(rl: Redlock, down: list[RedisServer]) -> LockNotAcquired:
+    bound = RETRY_COUNT * (RETRY_DELAY + NODE_TIMEOUT) + MARGIN
+    started = time.monotonic()
+    with pytest.raises(LockNotAcquired) as caught:
+        rl.acquire("m", 1.0)
+    elapsed = time.monotonic() - started
+    assert elapsed < bound, f"{elapsed:.3f}s"
+    error = caught.value
+    assert error.unavailable is True
+    assert error.attempts == RETRY_COUNT
+    down_names = {name(node) for node in down}
+    for vote in error.votes:
+        if vote.node in down_names:
+            assert vote.vote in (Vote.ERROR, Vote.TIMEOUT), vote
+            assert vote.node in str(error)
+        else:
+            assert vote.vote is Vote.YES, vote
+    assert {v.node for v in error.votes} >= down_names
+    return error
+
+
+def test_a_majority_killed_fails_fast_then_recovers_on_restart(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    rl = manager()
+    down = nodes[:3]
+    for node in down:
+        node.kill()
+    majority_down_fails_fast(rl, down)
+    assert rl.lock("other", 10) is None
+    for node in down:
+        node.restart()
+    time.sleep(_nodes.NODE_COOLDOWN)
+    lock = rl.acquire("m", 10)
+    assert [node.client().get("m") for node in nodes] == [lock.value.encode()] * N
+    assert rl.release(lock) is True
+
+
+def test_a_majority_paused_fails_fast_then_recovers_on_resume(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    rl = manager()
+    down = [nodes[0], nodes[2], nodes[4]]
+    for node in down:
+        node.pause()
+    error = majority_down_fails_fast(rl, down)
+    for vote in error.votes:  # a stall, told apart from a refused connection
+        if vote.vote is not Vote.YES:
+            assert re.search(r"no reply|timeout", vote.detail, re.IGNORECASE), vote
+    for node in down:
+        node.resume()
+    time.sleep(_nodes.NODE_COOLDOWN)
+    # SETs sent to the frozen nodes are applied when they wake (their replies were
+    # lost), so "m" may be taken there until its 1 s TTL ends: wait it out.
+    lock = rl.acquire("m", 10, wait=3.0)
+    assert rl.holder("m") == lock.value
+    assert rl.release(lock) is True
+    fresh = rl.acquire("untouched", 10)
+    assert [node.client().get("untouched") for node in nodes] == [fresh.value.encode()] * N
