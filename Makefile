@@ -58,8 +58,10 @@ test: lint typecheck
 demo: $(TEST_STAMP)
 	$(BIN)/python -m celery_redlock demo
 
+FAULTS_REPORT ?= docs/faults.md
+
 faults: $(TEST_STAMP)
-	$(BIN)/pytest tests/faults -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m tests.faults.report $(FAULTS_REPORT) $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

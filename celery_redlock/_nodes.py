@@ -59,7 +59,7 @@ def redact(spec: str) -> str:
     """
     if "://" in spec:
         return _URL_CREDENTIALS.sub("***@", spec)
-    if "@" in spec:
+    if "@" in spec and not any(ch.isspace() for ch in spec):  # "user:pw@host:port"
         return "***@" + spec.rpartition("@")[2]
     return spec
 
@@ -249,6 +249,10 @@ class _Incomplete(Exception):
     """The buffer ends before the reply does."""
 
 
+class _Stale(Exception):
+    """An idle connection turned out closed by the server (it restarted): reconnect, resend."""
+
+
 def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
     """Parse one RESP2/RESP3 reply from ``buf`` at ``pos``; (value, position after it)."""
     end = buf.find(b"\r\n", pos)
@@ -329,7 +333,7 @@ class _Wire:
     fraction of a generic client's per-command work.
     """
 
-    __slots__ = ("buf", "conn", "health", "node", "raw", "sock", "timeout")
+    __slots__ = ("buf", "conn", "health", "node", "raw", "sock", "timeout", "used")
 
     def __init__(self, node: Node, timeout: float, health: _Health | None = None) -> None:
         self.node = node
@@ -338,6 +342,7 @@ class _Wire:
         self.conn: Conn = None
         self.sock: Any = None
         self.raw = True
+        self.used = False
         self.buf = b""
 
     def fail(self, error: Exception) -> Exception:
@@ -362,7 +367,7 @@ class _Wire:
         except Exception as exc:
             raise self.fail(exc) from None
         health.down_until = 0.0
-        self.conn, self.sock, self.buf = conn, conn._sock, b""
+        self.conn, self.sock, self.buf, self.used = conn, conn._sock, b"", False
         # A socket-like object from a test double (fakeredis) goes through redis-py.
         self.raw = isinstance(self.sock, socket.socket)
 
@@ -374,12 +379,17 @@ class _Wire:
                 self.conn.send_packed_command([data], check_health=False)
                 return
             self.sock.sendall(data)
-        except TimeoutError:
-            raise self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}")) from None
         except OSError as exc:
-            raise self.fail(
-                redis.ConnectionError(f"error writing to {self.node.name}: {exc}")
-            ) from None
+            if self.used and not isinstance(exc, TimeoutError):
+                self.close()  # closed by the server while idle (it restarted): once more
+                self.send(data)
+                return
+            raise self._send_error(exc) from None
+
+    def _send_error(self, exc: OSError) -> Exception:
+        if isinstance(exc, TimeoutError):
+            return self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}"))
+        return self.fail(redis.ConnectionError(f"error writing to {self.node.name}: {exc}"))
 
     def read(self) -> Reply:
         if not self.raw:
@@ -406,12 +416,19 @@ class _Wire:
                     redis.TimeoutError(f"no reply from {self.node.name} within {self.timeout}s")
                 ) from None
             except OSError as exc:
+                if self.used and not buf:
+                    self.close()
+                    raise _Stale from None
                 raise self.fail(
                     redis.ConnectionError(f"error reading from {self.node.name}: {exc}")
                 ) from None
             if not chunk:
+                if self.used and not buf:
+                    self.close()
+                    raise _Stale
                 raise self.fail(redis.ConnectionError(f"{self.node.name} closed the connection"))
             buf += chunk
+            self.used = True
 
     def ready(self) -> bool:
         """True when a reply can be read without waiting."""
@@ -540,7 +557,11 @@ class Fanout:
                     )
                     continue
                 try:
-                    reply = wire.read()
+                    try:
+                        reply = wire.read()
+                    except _Stale:  # the server closed it while idle; our scripts are idempotent
+                        wire.send(packed)
+                        reply = wire.read()
                     if type(reply) is NoScriptError:
                         reply = _resend(wire, fallback, reply)
                     replies[i] = reply
@@ -577,6 +598,11 @@ class Fanout:
                 while len(replies[i]) < len(commands):
                     try:
                         replies[i].append(wire.read())
+                    except _Stale:
+                        replies[i].extend(
+                            [redis.ConnectionError(f"{wire.node.name} closed the connection")]
+                            * (len(commands) - len(replies[i]))
+                        )
                     except Exception as exc:
                         replies[i].extend([exc] * (len(commands) - len(replies[i])))
         finally:
@@ -598,7 +624,9 @@ def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Exception) -
 def classify(node: Node, reply: Reply, yes: bool) -> NodeVote:
     """Turn one reply into a :class:`NodeVote` (``yes`` decides between YES and HELD)."""
     if isinstance(reply, (TimeoutError, redis.TimeoutError)):
-        return NodeVote(node.name, Vote.TIMEOUT, "no reply within the per-node timeout")
+        said = _URL_CREDENTIALS.sub("***@", str(reply))
+        return NodeVote(node.name, Vote.TIMEOUT, f"no reply within the per-node timeout ({said})")
     if isinstance(reply, BaseException):
-        return NodeVote(node.name, Vote.ERROR, f"{type(reply).__name__}: {redact(str(reply))}")
+        said = _URL_CREDENTIALS.sub("***@", str(reply))
+        return NodeVote(node.name, Vote.ERROR, f"{type(reply).__name__}: {said}")
     return NodeVote(node.name, Vote.YES if yes else Vote.HELD)

@@ -55,14 +55,20 @@ ACQUIRE = Script(
 
 # KEYS[1] the lock key; KEYS[2] the resource's fence counter key;
 # ARGV[1] the owner's token; ARGV[2] the TTL in ms.
-# As ACQUIRE, but returns the node's current fence counter (0 when unset) when
-# the caller holds the key afterwards, and -1 when another token holds it.
+# As ACQUIRE, and also reads the node's fence counter and clock.
+# Returns {1 if the caller holds the key afterwards else 0,
+#          the fence counter (0 when unset), the node's clock in microseconds}.
+# The counter is read on held nodes too: a node that still has the previous
+# holder's key also has its fence, even when the others lost theirs.
 ACQUIRE_FENCED = Script(
-    b"local ok = redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) "
-    b"if not ok then "
-    b"if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end "
-    b"redis.call('pexpire', KEYS[1], ARGV[2]) end "
-    b"return tonumber(redis.call('get', KEYS[2]) or '0')"
+    b"if redis.replicate_commands then pcall(redis.replicate_commands) end "
+    b"local t = redis.call('time') "
+    b"local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) "
+    b"local held = 1 "
+    b"if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then "
+    b"redis.call('pexpire', KEYS[1], ARGV[2]) else held = 0 end end "
+    b"return {held, tonumber(redis.call('get', KEYS[2]) or '0'), now}"
 )
 
 # KEYS[1] the lock key; KEYS[2] the fence counter key;

@@ -78,24 +78,43 @@ def _number(name: str, value: object, *, minimum: float = 0.0, strict: bool = Fa
     return number
 
 
+#: The longest TTL accepted (10 years): longer ones overflow Redis' expiry clock.
+MAX_TTL = 10 * 365 * 24 * 3600.0
+
+
 def _ttl_ms(ttl: object) -> int:
     seconds = _number("ttl", ttl, strict=True)
     ms = int(seconds * 1000)
     if ms < 1:
         raise RedlockConfigError(f"ttl must be at least 0.001 s (1 ms), not {ttl!r}")
+    if seconds > MAX_TTL:
+        raise RedlockConfigError(
+            f"ttl must be at most {MAX_TTL:.0f} s (10 years), not {ttl!r}; a lock that should "
+            "outlive its holder that long is not a lock"
+        )
     return ms
+
+
+def _encodable(what: str, text: str) -> str:
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise RedlockConfigError(
+            f"{what} {text!r} cannot be encoded as UTF-8 ({exc.reason}); pass valid text"
+        ) from None
+    return text
 
 
 def _resource(resource: object) -> str:
     if not isinstance(resource, str) or not resource:
         raise RedlockConfigError(f"the resource must be a non-empty str, not {resource!r}")
-    return resource
+    return _encodable("the resource", resource)
 
 
 def _value(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise RedlockConfigError(f"a lock value (token) must be a non-empty str, not {value!r}")
-    return value
+    return _encodable("the lock value", value)
 
 
 class _Logger:
@@ -310,6 +329,16 @@ class Redlock:
         """
         facts = self.server_facts()
         votes: list[NodeVote] = []
+        run_ids: dict[str, str] = {}
+        for info in facts:
+            run_id = info.get("run_id")
+            if run_id and run_id in run_ids:
+                raise RedlockConfigError(
+                    f"servers {run_ids[run_id]} and {info['node']} are the same Redis server "
+                    "under two names; each Redlock node must be a different, independent master"
+                )
+            if run_id:
+                run_ids[run_id] = info["node"]
         for info in facts:
             name = info["node"]
             if info.get("auth_error"):
@@ -372,36 +401,47 @@ class Redlock:
 
     def _attempt(
         self, resource: str, key: bytes, token: str, ttl: float, ttl_ms: int, fencing: bool
-    ) -> tuple[Lock | None, list[NodeVote]]:
+    ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
         start = time.monotonic()
         if fencing:
             fence_key = key + FENCE_SUFFIX.encode()
             replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), (token, ttl_ms))
-            granted = [i for i, r in enumerate(replies) if type(r) is int and r >= 0]
+            read = [r for r in replies if isinstance(r, list) and len(r) == 3]
+            granted = [i for i, r in enumerate(replies) if isinstance(r, list) and r[:1] == [1]]
         else:
             replies = fanout.script(_scripts.ACQUIRE, (key,), (token, ttl_ms))
             granted = [i for i, r in enumerate(replies) if r == 1 and type(r) is int]
         drift = self.drift_factor * ttl + DRIFT_CONSTANT
-        validity = ttl - (time.monotonic() - start) - drift
+        elapsed = time.monotonic() - start
         fence: int | None = None
-        if len(granted) >= self.quorum and validity > 0 and fencing:
-            fence = max(replies[i] for i in granted) + 1
+        if len(granted) >= self.quorum and ttl - elapsed - drift > 0 and fencing:
+            # Above every counter a node answered with (held ones too), and above
+            # the nodes' clocks in µs, so a counter lost with a node's data is
+            # not handed out again while clocks go forward.
+            fence = max(max(int(r[1]) for r in read) + 1, max(int(r[2]) for r in read))
             written = fanout.script(
                 _scripts.FENCE_WRITE, (key, fence_key), (token, fence), targets=granted
             )
-            if sum(1 for i in granted if written[i] == 1) < self.quorum:
-                granted = [i for i in granted if written[i] == 1]
-            validity = ttl - (time.monotonic() - start) - drift
+            granted = [i for i in granted if written[i] == 1]
+            elapsed = time.monotonic() - start
+        validity = ttl - elapsed - drift
         if len(granted) >= self.quorum and validity > 0:
             lock = Lock(resource, token, validity, start + ttl - drift, fence, self)
             if self.auto_release:
                 self._held.add((resource, token))
-            return lock, []
+            return lock, [], None
         votes = self._votes(replies, granted)
         # Undo on every node: a SET may have been applied where the reply was lost.
         fanout.script(_scripts.RELEASE, (key,), (token,))
-        return None, votes
+        too_slow = None
+        if len(granted) >= self.quorum:
+            too_slow = (
+                f"lock {resource!r} was granted by {len(granted)} of {len(self.nodes)} nodes "
+                f"but only after {elapsed:.3f} s, leaving no validity of its {ttl} s TTL "
+                f"(drift allowance {drift:.3f} s); raise the ttl or lower node latency"
+            )
+        return None, votes, too_slow
 
     def _votes(self, replies: list[Any], granted: list[int]) -> list[NodeVote]:
         grant = set(granted)
@@ -431,18 +471,18 @@ class Redlock:
         ``retry_count`` attempts.
 
         ``fencing=True`` sets :attr:`Lock.fence`: an integer that strictly
-        increases for each successive holder of ``resource``. It is read from
-        a counter key (``resource + ":fence"``, no TTL) on each node that
-        granted the lock; the quorum's highest value plus one is written back
-        to a quorum, under the lock, before the lock is returned. Two quorums
-        share a node, so the next holder reads at least this value. The order
-        holds as long as nodes do not lose data (a node restarted empty may
-        hand out a lower value; run nodes with ``appendfsync always`` or keep
-        a crashed node down longer than the longest TTL). Pass the fence to
-        the storage you write to and have it refuse a write with a lower
-        fence than one it has seen: that, not the lock alone, makes the write
-        safe against a holder that paused past its TTL. It costs one more
-        round trip.
+        increases for each successive holder of ``resource``. Each node keeps a
+        counter (key ``resource + ":fence"``, no TTL); the new fence is above
+        every counter the nodes answered with (those holding another token
+        too) and above the nodes' clocks in microseconds, and it is written
+        back to a quorum, under the lock, before the lock is returned. Two
+        quorums share a node, so the next holder reads at least this value.
+        The order holds while a quorum keeps its data; when nodes lose theirs
+        (a restart without ``appendfsync always``), it still holds as long as
+        the nodes' clocks are not stepped back. Pass the fence to the storage
+        you write to and have it refuse a write with a lower fence than one it
+        has seen: that, not the lock alone, makes the write safe against a
+        holder that paused past its TTL. It costs one more round trip.
         """
         resource = _resource(resource)
         ttl_ms = _ttl_ms(ttl)
@@ -451,6 +491,14 @@ class Redlock:
             raise RedlockConfigError(
                 f"ttl {ttl!r} s is too short to ever be valid: the clock drift allowance "
                 f"(drift_factor * ttl + {DRIFT_CONSTANT} s) eats it all; use at least 0.01 s"
+            )
+        if ttl <= 2 * self.node_timeout:
+            self._warn_once(
+                f"ttl:{ttl}:{self.node_timeout}",
+                "ttl %s s is not far above node_timeout %s s: one slow node can use up the "
+                "whole validity; use a TTL many times the node timeout",
+                ttl,
+                self.node_timeout,
             )
         token = secrets.token_hex(16) if value is None else _value(value)
         attempts = max(1, self.retry_count if retry_count is None else retry_count)
@@ -465,7 +513,7 @@ class Redlock:
                 tried += 1
                 if wakeup is not None:
                     wakeup.clear()
-                lock, votes = self._attempt(resource, key, token, ttl, ttl_ms, fencing)
+                lock, votes, too_slow = self._attempt(resource, key, token, ttl, ttl_ms, fencing)
                 if lock is not None:
                     return lock
                 self._log_attempt(resource, tried, votes)
@@ -483,7 +531,7 @@ class Redlock:
         finally:
             if wakeup is not None:
                 self._listener.unregister(key, wakeup)
-        error = LockNotAcquired(resource, votes, tried)
+        error = LockNotAcquired(resource, votes, tried, too_slow)
         if error.unavailable:
             self._log.log(logging.WARNING, "%s", error)
         raise error

@@ -220,18 +220,39 @@ def test_fences_strictly_increase_across_successive_holders_on_different_quorums
 def test_fence_exceeds_a_higher_counter_found_on_some_nodes(
     clients: list[redis.Redis], managers: Callable[..., Redlock]
 ) -> None:
-    clients[1].set("fh:fence", 100)
     clients[3].set("fh:fence", 41)
+    # above any node clock in µs, and below 2**53 (Lua's numbers are doubles)
+    clients[1].set("fh:fence", 8 * 10**15)
     rl = managers()
     first = rl.lock("fh", 10, fencing=True)
     assert first is not None
-    assert first.fence == 101
+    assert first.fence == 8 * 10**15 + 1
     first.release()
     second = rl.lock("fh", 10, fencing=True)
     assert second is not None
-    assert second.fence == 102
-    assert [int(c.get("fh:fence") or 0) for c in clients] == [102] * N
+    assert second.fence == 8 * 10**15 + 2
+    assert [int(c.get("fh:fence") or 0) for c in clients] == [8 * 10**15 + 2] * N
     assert all(c.ttl("fh:fence") == -1 for c in clients)
+
+
+def test_a_fence_starts_at_the_node_clock_so_lost_counters_do_not_repeat(
+    clients: list[redis.Redis], managers: Callable[..., Redlock]
+) -> None:
+    """Fences are seeded from the nodes' clocks (µs): after every node lost its
+    counter, the next fence is still above the last one."""
+    rl = managers()
+    first = rl.lock("fc", 10, fencing=True)
+    assert first is not None
+    clock_us = int(clients[0].time()[0]) * 1_000_000
+    assert first.fence is not None
+    assert abs(first.fence - clock_us) < 60 * 1_000_000
+    first.release()
+    for c in clients:
+        c.delete("fc:fence")  # every node lost its data
+    second = rl.lock("fc", 10, fencing=True)
+    assert second is not None
+    assert second.fence is not None
+    assert second.fence > first.fence
 
 
 def test_a_fence_write_short_of_a_quorum_fails_the_acquisition(
@@ -546,7 +567,8 @@ def test_resp3_clients_work_as_nodes(
     with Redlock(servers) as rl:
         lock = rl.lock("r3", 10, fencing=True)
         assert lock is not None
-        assert lock.fence == 1
+        assert lock.fence is not None
+        assert lock.fence > 1
         assert values(clients[:3], "r3") == [lock.value] * 3
         assert rl.inspect("r3").holder == lock.value
         assert rl.extend(lock, 20) is True

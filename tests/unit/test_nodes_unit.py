@@ -4,6 +4,7 @@ scripts, against fakeredis."""
 from __future__ import annotations
 
 import hashlib
+import time
 import types
 from typing import Any
 
@@ -383,11 +384,18 @@ def test_acquire_sets_a_free_key_rearms_its_own_and_refuses_another(
     assert r.get("k") == b"me"
 
 
-def test_acquire_fenced_returns_the_counter_or_minus_one(r: fakeredis.FakeRedis) -> None:
-    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "me", 1000) == 0
+def test_acquire_fenced_returns_granted_counter_and_clock_also_when_held(
+    r: fakeredis.FakeRedis,
+) -> None:
+    before = int(time.time() * 1_000_000)
+    granted, counter, clock = run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "me", 1000)
+    assert (granted, counter) == (1, 0)
+    assert before - 1_000_000 <= clock <= int(time.time() * 1_000_000) + 1_000_000
     r.set("k:fence", 7)
-    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "me", 1000) == 7
-    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "you", 1000) == -1
+    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "me", 1000)[:2] == [1, 7]
+    # held by another token: not granted, but the counter is still reported
+    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "you", 1000)[:2] == [0, 7]
+    assert r.get("k") == b"me"
 
 
 def test_fence_write_raises_never_lowers_and_needs_the_lock(r: fakeredis.FakeRedis) -> None:
