@@ -13,10 +13,25 @@ entry is advanced as if sent, but nothing is sent) and try to take the lock
 every ``redlock_beat_poll`` seconds (default 1), so when the leader dies the
 next tick is sent by a standby within the TTL (plus one poll).
 
+Each setting can also be set on a scheduler subclass, as a class attribute
+of the same name, which wins over ``app.conf`` (as a task attribute wins
+over the app's setting for a task)::
+
+    class QuickFailover(RedlockScheduler):
+        redlock_beat_ttl = 5.0
+
 A leader that cannot renew, or whose lock's validity would run out before a
 send, stops sending at once and goes back to standby: it never crashes and
 never sends without the lock. On a clean shutdown it releases the lock, so a
 standby takes over at its next poll.
+
+A limit: each instance keeps its own phase for an interval schedule
+(``"schedule": 10.0``), counted from when it started. After a SIGKILL the
+gap is at least the TTL anyway, but at a clean hand-over the new leader's
+first send can come sooner than one interval after the old leader's last.
+A crontab schedule has the same due times on every instance, so it is
+never sent twice for one due time; for an interval job that must run at
+most once per period, make it a ``RedlockTask`` with ``redlock_hold``.
 
 :class:`RedlockSchedulerMixin` wraps any scheduler class::
 
@@ -27,6 +42,7 @@ standby takes over at its next poll.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import time
@@ -51,15 +67,35 @@ BEAT_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _seconds(app: Any, name: str) -> float:
-    value = app.conf.get(name)
+def _setting(scheduler: object, app: Any, name: str) -> tuple[Any, str]:
+    """A beat setting's value: the scheduler class's attribute when not None, else
+    ``app.conf``'s; and how an error names where it came from."""
+    value = getattr(type(scheduler), name, None)
+    if value is not None:
+        return value, f"the attribute {name} of {type(scheduler).__name__}"
+    return app.conf.get(name), f"the setting {name}"
+
+
+def _seconds(scheduler: object, app: Any, name: str) -> float:
+    value, where = _setting(scheduler, app, name)
     if value is None:
         value = BEAT_DEFAULTS[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not value > 0
+    ):
         raise RedlockConfigError(
-            f"the setting {name} must be a number of seconds > 0, not {value!r}"
+            f"{where} must be a finite number of seconds > 0 "
+            f"(default {BEAT_DEFAULTS[name]}), not {value!r}"
         )
     return float(value)
+
+
+def _app_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The app a Scheduler is constructed with: ``Scheduler(app, ...)`` or ``app=``."""
+    return kwargs["app"] if "app" in kwargs else args[0] if args else None
 
 
 class RedlockSchedulerMixin:
@@ -71,34 +107,47 @@ class RedlockSchedulerMixin:
     app: Any
     max_interval: float
 
-    #: the leader lock's key (``redlock_beat_lock_key``)
-    redlock_beat_lock_key: str
-    #: seconds the leader lock lives without renewal (``redlock_beat_ttl``)
-    redlock_beat_ttl: float
-    #: seconds between a standby's attempts to take the lock (``redlock_beat_poll``)
-    redlock_beat_poll: float
+    # Each defaults to None, meaning ``app.conf``'s setting of the same name (or
+    # its default); read once, when the scheduler is built, and then set on the
+    # instance to the value in use.
+
+    #: The leader lock's key (default ``{redlock_key_prefix}beat:{app.main}``).
+    redlock_beat_lock_key: Any = None
+    #: Seconds the leader lock lives without renewal (default 30).
+    redlock_beat_ttl: Any = None
+    #: Seconds between a standby's attempts to take the lock (default 1).
+    redlock_beat_poll: Any = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._leader: Lock | None = None
         self._standby_tick = False
         self._next_renew = 0.0
         self._next_try = 0.0
-        super().__init__(*args, **kwargs)
-        app = self.app
-        self.redlock_beat_ttl = _seconds(app, "redlock_beat_ttl")
-        self.redlock_beat_poll = _seconds(app, "redlock_beat_poll")
+        self._complaint = ""
+        # Settings first: a bad one fails before the scheduler opens its store.
+        app = _app_of(args, kwargs)
+        if app is None:
+            name = type(self).__name__
+            raise TypeError(f"{name} needs the Celery app: {name}(app, ...) or {name}(app=app)")
+        self._ttl = _seconds(self, app, "redlock_beat_ttl")
+        self._poll = _seconds(self, app, "redlock_beat_poll")
         settings = resolve_settings(app)
-        key = app.conf.get("redlock_beat_lock_key")
+        key, where = _setting(self, app, "redlock_beat_lock_key")
         if key is None:
             key = f"{settings.key_prefix}beat:{app.main or 'celery'}"
         if not isinstance(key, str) or not key:
             raise RedlockConfigError(
-                f"the setting redlock_beat_lock_key must be a non-empty str, not {key!r}"
+                f"{where} must be a non-empty str "
+                f"(default: '{{redlock_key_prefix}}beat:{{app.main}}'), not {key!r}"
             )
+        self._key: str = key
         self.redlock_beat_lock_key = key
+        self.redlock_beat_ttl = self._ttl
+        self.redlock_beat_poll = self._poll
         self._settings = settings
         #: this instance's token in the leader lock: host, pid and a random part
         self.redlock_beat_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        super().__init__(*args, **kwargs)
 
     # -- leadership -----------------------------------------------------------
 
@@ -114,7 +163,7 @@ class RedlockSchedulerMixin:
         The margin (a tenth of the TTL, at most 0.5 s) covers the send itself.
         """
         lock = self._leader
-        margin = min(0.5, self.redlock_beat_ttl / 10)
+        margin = min(0.5, self._ttl / 10)
         return (
             lock is not None
             and lock.expires_at is not None
@@ -125,28 +174,33 @@ class RedlockSchedulerMixin:
         now = time.monotonic()
         if now < self._next_try:
             return
-        self._next_try = now + self.redlock_beat_poll
+        self._next_try = now + self._poll
         try:
             self._leader = self.redlock.acquire(
-                self.redlock_beat_lock_key,
-                self.redlock_beat_ttl,
+                self._key,
+                self._ttl,
                 self.redlock_beat_token,
                 retry_count=0,
             )
         except LockNotAcquired as exc:
             if exc.unavailable:
-                logger.warning("beat: cannot reach a quorum for the leader lock: %s", exc)
+                self._complain(
+                    logging.WARNING, "beat: cannot reach a quorum for the leader lock: %s", exc
+                )
             else:
-                logger.debug("beat: standby; %s is held by another beat", exc.resource)
+                self._complain(
+                    logging.DEBUG, "beat: standby; %s is held by another beat", exc.resource
+                )
             return
         except RedlockError as exc:
-            logger.error("beat: leader election failed: %s", exc)
+            self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
             return
-        self._next_renew = time.monotonic() + self.redlock_beat_ttl / 3
+        self._complaint = ""
+        self._next_renew = time.monotonic() + self._ttl / 3
         logger.info(
             "beat: leader now (lock %s, ttl %ss); sending due tasks",
-            self.redlock_beat_lock_key,
-            self.redlock_beat_ttl,
+            self._key,
+            self._ttl,
         )
 
     def _renew(self) -> None:
@@ -154,20 +208,32 @@ class RedlockSchedulerMixin:
         if lock is None:
             return
         try:
-            renewed = self.redlock.extend(lock, self.redlock_beat_ttl)
+            renewed = self.redlock.extend(lock, self._ttl)
         except RedlockError as exc:
             logger.error("beat: renewing the leader lock failed: %s", exc)
             renewed = False
         if renewed:
-            self._next_renew = time.monotonic() + self.redlock_beat_ttl / 3
+            self._next_renew = time.monotonic() + self._ttl / 3
         else:
             self._step_down("the leader lock could not be renewed on a quorum")
 
+    def _complain(self, level: int, msg: str, *args: object) -> None:
+        """Log a failure to lead; the same kind again, until it changes, only at DEBUG."""
+        kind = msg if level > logging.DEBUG else ""
+        logger.log(level if kind != self._complaint else logging.DEBUG, msg, *args)
+        self._complaint = kind
+
     def _step_down(self, why: str) -> None:
-        if self._leader is not None:
-            logger.error("beat: stepping down to standby, sending stopped: %s", why)
-        self._leader = None
-        self._next_try = time.monotonic() + self.redlock_beat_poll
+        lock, self._leader = self._leader, None
+        self._next_try = time.monotonic() + self._poll
+        if lock is None:
+            return
+        logger.error("beat: stepping down to standby, sending stopped: %s", why)
+        # Where the key still holds this token, free it: a standby need not wait for the TTL.
+        try:
+            self.redlock.release(lock)
+        except RedlockError as exc:  # pragma: no cover - best effort
+            logger.debug("beat: releasing the leader lock after stepping down failed: %s", exc)
 
     # -- the scheduler's hooks -----------------------------------------------
 
@@ -187,6 +253,16 @@ class RedlockSchedulerMixin:
         wake = self._next_renew if leading else self._next_try
         return max(0.0, min(interval, wake - now))
 
+    @property
+    def info(self) -> str:
+        """The banner lines ``celery beat`` prints: the scheduler's, and the leader lock's."""
+        base = str(super().info)  # type: ignore[misc]
+        mine = (
+            f"    . redlock leader lock -> {self._key} "
+            f"(ttl {self._ttl:g} s, standby poll {self._poll:g} s)"
+        )
+        return f"{base}\n{mine}" if base else mine
+
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         """Send a due entry, only as a leader whose lock is valid; a standby skips it."""
         if self._standby_tick:
@@ -203,7 +279,7 @@ class RedlockSchedulerMixin:
         if lock is not None:
             try:
                 self.redlock.release(lock)
-                logger.info("beat: released the leader lock %s", self.redlock_beat_lock_key)
+                logger.info("beat: released the leader lock %s", self._key)
             except RedlockError as exc:  # pragma: no cover - best effort at shutdown
                 logger.warning("beat: releasing the leader lock failed: %s", exc)
         super().close()  # type: ignore[misc]

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
 
+from ._wakeup import CHANNEL
 from .config import resolve_settings
 from .exceptions import RedlockError
 from .redlock import FENCE_SUFFIX, Redlock
@@ -66,7 +66,8 @@ def _fail(out: _Out, message: str, code: int = EXIT_USAGE, **extra: Any) -> NoRe
         click.echo(json.dumps({"ok": False, "error": message, **extra}))
     else:
         click.echo(f"error: {message}", err=True)
-    sys.exit(code)
+    click.get_current_context().exit(code)
+    raise AssertionError("unreachable")  # pragma: no cover - Context.exit raises
 
 
 def _manager(ctx: click.Context, out: _Out) -> tuple[Redlock, Any]:
@@ -94,6 +95,30 @@ def _task_of(key: str, prefix: str) -> str | None:
     return match["task"] if match else None
 
 
+def _delete(manager: Redlock, key: str) -> tuple[int, list[str]]:
+    """Delete ``key`` on every node whoever holds it: how many had it, and the unreachable nodes.
+
+    Waiters for the lock are woken as by a release.
+    """
+    count = 0
+    down: list[str] = []
+    for node in manager.nodes:
+        client = node.client(ADMIN_TIMEOUT)
+        try:
+            if client.delete(key):
+                count += 1
+                client.publish(CHANNEL, key)
+        except Exception:
+            down.append(node.name)
+        finally:
+            client.close()
+    return count, down
+
+
+def _too_few(manager: Redlock, down: Sequence[str]) -> bool:
+    return len(manager.nodes) - len(down) < manager.quorum
+
+
 def _scan(manager: Redlock, prefix: str) -> tuple[list[str], list[str]]:
     """Keys under ``prefix`` on any node (SCAN, never KEYS), and the unreachable nodes."""
     keys: set[str] = set()
@@ -114,6 +139,11 @@ def _scan(manager: Redlock, prefix: str) -> tuple[list[str], list[str]]:
 
 
 def _locks(manager: Redlock, keys: Sequence[str], prefix: str) -> list[dict[str, Any]]:
+    """One row per key that holds a lock token (a string value) on some node.
+
+    ``prefix`` is the configured ``redlock_key_prefix``: a task's name is what
+    follows it in a task lock key (``{prefix}{task}:{64 hex}``).
+    """
     rows = []
     for key in keys:
         info = manager.inspect(key)
@@ -159,6 +189,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if fact["reachable"] == "yes":
             client = node.client(ADMIN_TIMEOUT)
             try:
+                client.ping()  # connects (and authenticates): not part of the round trip
                 start = time.perf_counter()
                 client.ping()
                 rtt = round((time.perf_counter() - start) * 1000, 2)
@@ -222,7 +253,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         for warning in warnings:
             click.echo(f"warning: {warning}")
     manager.close()
-    sys.exit(EXIT_OK if ok else EXIT_USAGE)
+    ctx.exit(EXIT_OK if ok else EXIT_USAGE)
 
 
 @redlock.command(name="list")
@@ -235,9 +266,16 @@ def list_(ctx: click.Context, prefix: str | None, as_json: bool) -> None:
     manager, settings = _manager(ctx, out)
     prefix = settings.key_prefix if prefix is None else prefix
     keys, down = _scan(manager, prefix)
-    if len(manager.nodes) - len(down) < manager.quorum:
-        _fail(out, f"too few nodes reachable to list locks; unreachable: {', '.join(down)}")
-    rows = _locks(manager, keys, prefix)
+    if _too_few(manager, down):
+        manager.close()
+        _fail(
+            out,
+            f"too few nodes reachable to list locks ({len(manager.nodes) - len(down)} of "
+            f"{len(manager.nodes)}, quorum {manager.quorum}); unreachable: {', '.join(down)}; "
+            "see `celery redlock status`",
+            unreachable=down,
+        )
+    rows = _locks(manager, keys, settings.key_prefix)
     manager.close()
     if as_json:
         click.echo(json.dumps({"ok": True, "prefix": prefix, "locks": rows, "unreachable": down}))
@@ -247,11 +285,11 @@ def list_(ctx: click.Context, prefix: str | None, as_json: bool) -> None:
         click.echo(f"no locks under {prefix!r}")
     for name in down if not as_json else ():
         click.echo(f"warning: {name} is unreachable; its keys are not shown", err=True)
-    sys.exit(EXIT_OK if rows else EXIT_NO_MATCH)
+    ctx.exit(EXIT_OK if rows else EXIT_NO_MATCH)
 
 
 _FORCE_HELP = (
-    "deleting a lock frees it whoever holds it: a task still running under it goes on "
+    "Deleting a lock frees it whoever holds it: a task still running under it goes on "
     "unlocked, and another run may start beside it. Check with `celery redlock list`, "
     "then pass --force."
 )
@@ -266,19 +304,29 @@ def release(ctx: click.Context, key: str, force: bool, as_json: bool) -> None:
     """Delete the lock KEY on every node, whoever holds it (needs --force)."""
     out = _Out(as_json)
     if not force:
-        _fail(out, f"not released: {key}. {_FORCE_HELP}")
+        _fail(out, f"not released: {key!r}. {_FORCE_HELP}")
     manager, _ = _manager(ctx, out)
     try:
-        count = manager.force_release(key)
-    except RedlockError as exc:
-        _fail(out, str(exc))
+        count, down = _delete(manager, key)
     finally:
         manager.close()
+    if _too_few(manager, down):
+        _fail(
+            out,
+            f"{key!r} deleted on {count} node(s), but {len(down)} of {len(manager.nodes)} "
+            f"are unreachable ({', '.join(down)}): it may still be held there until its TTL "
+            "runs out; run it again when they are back (`celery redlock status`)",
+            key=key,
+            nodes=count,
+            unreachable=down,
+        )
     if as_json:
-        click.echo(json.dumps({"ok": count > 0, "key": key, "nodes": count}))
+        click.echo(json.dumps({"ok": count > 0, "key": key, "nodes": count, "unreachable": down}))
     else:
         click.echo(f"released {key} on {count} node(s)" if count else f"no lock {key!r}")
-    sys.exit(EXIT_OK if count else EXIT_NO_MATCH)
+        for name in down:
+            click.echo(f"warning: {name} is unreachable; the key may remain there", err=True)
+    ctx.exit(EXIT_OK if count else EXIT_NO_MATCH)
 
 
 @redlock.command()
@@ -295,17 +343,28 @@ def clear(ctx: click.Context, prefix: str | None, force: bool, as_json: bool) ->
         manager.close()
         _fail(out, "refusing to clear with an empty prefix; name the prefix of your locks")
     keys, down = _scan(manager, prefix)
+    # Only lock keys (a string token): other data under the prefix is left alone.
+    locks = [row["key"] for row in _locks(manager, keys, settings.key_prefix)]
     if not force:
         manager.close()
-        _fail(out, f"not cleared: {len(keys)} lock(s) under {prefix!r}. {_FORCE_HELP}")
-    cleared = [key for key in keys if manager.force_release(key)]
+        _fail(out, f"not cleared: {len(locks)} lock(s) under {prefix!r}. {_FORCE_HELP}")
+    cleared = []
+    for key in locks:
+        count, gone = _delete(manager, key)
+        down.extend(name for name in gone if name not in down)
+        if count:
+            cleared.append(key)
     manager.close()
     if as_json:
-        click.echo(json.dumps({"ok": bool(cleared), "prefix": prefix, "cleared": cleared}))
+        click.echo(
+            json.dumps(
+                {"ok": bool(cleared), "prefix": prefix, "cleared": cleared, "unreachable": down}
+            )
+        )
     else:
         click.echo(f"cleared {len(cleared)} lock(s) under {prefix!r}")
         for name in down:
             click.echo(f"warning: {name} is unreachable; its keys remain", err=True)
-    if down and len(manager.nodes) - len(down) < manager.quorum:
-        sys.exit(EXIT_USAGE)
-    sys.exit(EXIT_OK if cleared else EXIT_NO_MATCH)
+    if _too_few(manager, down):
+        ctx.exit(EXIT_USAGE)
+    ctx.exit(EXIT_OK if cleared else EXIT_NO_MATCH)

@@ -19,7 +19,7 @@ can tell "held by another" from "Redis is down".
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -60,8 +60,33 @@ class NodeVote:
         return f"{self.node}={self.vote}" + (f" ({self.detail})" if self.detail else "")
 
 
+def _votes(votes: Iterable[object]) -> tuple[NodeVote, ...]:
+    """Votes as :class:`NodeVote`, also from ``[node, vote, detail]`` lists (JSON)."""
+    out = []
+    for item in votes:
+        if isinstance(item, NodeVote):
+            out.append(item)
+        elif isinstance(item, (list, tuple)) and len(item) >= 2:
+            out.append(NodeVote(str(item[0]), Vote(item[1]), str(item[2]) if item[2:] else ""))
+    return tuple(out)
+
+
+def _plain(votes: Sequence[NodeVote]) -> list[list[str]]:
+    return [[v.node, v.vote.value, v.detail] for v in votes]
+
+
 class RedlockError(Exception):
-    """Root of every exception raised by celery_redlock."""
+    """Root of every exception raised by celery_redlock.
+
+    Each keeps its constructor's arguments in ``args`` as plain data, so it
+    is rebuilt as ``cls(*args)`` by pickle and by Celery's JSON result
+    encoding alike; ``str()`` is the message.
+    """
+
+    message = ""
+
+    def __str__(self) -> str:
+        return self.message or super().__str__()
 
 
 class RedlockConfigError(RedlockError, ValueError):
@@ -75,29 +100,29 @@ class ServerVersionError(RedlockConfigError):
 class QuorumUnavailable(RedlockError):
     """Fewer than a quorum of nodes could be reached."""
 
-    def __init__(self, message: str, votes: Sequence[NodeVote] = ()) -> None:
-        super().__init__(message)
-        self.votes: tuple[NodeVote, ...] = tuple(votes)
+    def __init__(self, message: str, votes: Iterable[object] = ()) -> None:
+        self.votes = _votes(votes)
+        self.message = message
+        super().__init__(message, _plain(self.votes))
 
 
 class LockNotAcquired(RedlockError):
     """The lock on ``resource`` could not be acquired.
 
     ``votes`` holds each node's answer to the last attempt, ``attempts`` how
-    many attempts were made, ``holder`` the token seen on the nodes that said
-    "held" (when it was read), and ``unavailable`` is true when the failure
+    many attempts were made, and ``unavailable`` is true when the failure
     came from nodes that errored or timed out rather than from another holder.
     """
 
     def __init__(
         self,
         resource: str,
-        votes: Sequence[NodeVote] = (),
+        votes: Iterable[object] = (),
         attempts: int = 0,
         message: str | None = None,
     ) -> None:
         self.resource = resource
-        self.votes: tuple[NodeVote, ...] = tuple(votes)
+        self.votes = _votes(votes)
         self.attempts = attempts
         if message is None:
             listed = ", ".join(str(v) for v in self.votes) or "no nodes answered"
@@ -105,7 +130,8 @@ class LockNotAcquired(RedlockError):
                 f"could not acquire lock {resource!r} on a quorum after {attempts} "
                 f"attempt(s): {listed}"
             )
-        super().__init__(message)
+        self.message = message
+        super().__init__(resource, _plain(self.votes), attempts, message)
 
     @property
     def unavailable(self) -> bool:
@@ -114,9 +140,6 @@ class LockNotAcquired(RedlockError):
         yes = sum(1 for v in self.votes if v.vote is Vote.YES)
         quorum = len(self.votes) // 2 + 1
         return bool(self.votes) and held + yes < quorum
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.resource, self.votes, self.attempts, str(self)))
 
 
 class DuplicateTask(LockNotAcquired):
@@ -144,12 +167,7 @@ class DuplicateTask(LockNotAcquired):
                 f"{resource!r}: held by task {holder or '?'} for {left} more"
             )
         super().__init__(resource, (), 0, message)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            type(self),
-            (self.resource, self.holder, self.ttl_left, self.task_name, str(self)),
-        )
+        self.args = (resource, holder, ttl_left, task_name, message)
 
 
 class LockNotOwned(RedlockError):
@@ -157,29 +175,24 @@ class LockNotOwned(RedlockError):
 
     def __init__(self, resource: str, message: str | None = None) -> None:
         self.resource = resource
-        super().__init__(
+        self.message = (
             message
             or f"lock {resource!r} is not held by this token (expired, released or taken over)"
         )
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.resource, str(self)))
+        super().__init__(resource, self.message)
 
 
 class LockExtendError(RedlockError):
     """Extending a lock failed where the caller required it to succeed."""
 
     def __init__(
-        self, resource: str, votes: Sequence[NodeVote] = (), message: str | None = None
+        self, resource: str, votes: Iterable[object] = (), message: str | None = None
     ) -> None:
         self.resource = resource
-        self.votes: tuple[NodeVote, ...] = tuple(votes)
+        self.votes = _votes(votes)
         listed = ", ".join(str(v) for v in self.votes)
-        super().__init__(
-            message
-            or f"could not extend lock {resource!r} on a quorum within its validity"
+        self.message = message or (
+            f"could not extend lock {resource!r} on a quorum within its validity"
             + (f": {listed}" if listed else "")
         )
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.resource, self.votes, str(self)))
+        super().__init__(resource, _plain(self.votes), self.message)

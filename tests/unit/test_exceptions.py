@@ -101,7 +101,7 @@ def test_lock_not_owned_and_extend_error_name_the_resource() -> None:
     error = LockExtendError("r2", VOTES[:2])
     assert "'r2'" in str(error)
     assert "127.0.0.1:7002=held" in str(error)
-    assert LockExtendError("r3", message="custom").args == ("custom",)
+    assert str(LockExtendError("r3", message="custom")) == "custom"
 
 
 def test_duplicate_task_names_task_holder_and_time_left() -> None:
@@ -141,3 +141,27 @@ def test_exceptions_survive_a_pickle_round_trip(error: RedlockError) -> None:
     for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1):
         copy = pickle.loads(pickle.dumps(error, protocol=protocol))
         assert _state(copy) == _state(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        LockNotAcquired("r", VOTES, 3),
+        DuplicateTask("redlock:t:ab", "task-1", 4.5, "proj.t"),
+        LockNotOwned("r"),
+        LockExtendError("r", VOTES[:2]),
+        QuorumUnavailable("only 1 of 3", VOTES),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_an_error_rebuilds_from_its_args_as_celery_json_results_do(error: Exception) -> None:
+    """Celery's JSON result encoding keeps ``exc.args`` (plain data) and rebuilds
+    ``cls(*args)``: the message and the fields must survive."""
+    import json
+
+    args = json.loads(json.dumps(list(error.args)))
+    rebuilt = type(error)(*args)
+    assert str(rebuilt) == str(error)
+    for field in ("resource", "votes", "attempts", "holder", "ttl_left", "task_name"):
+        if hasattr(error, field):
+            assert getattr(rebuilt, field) == getattr(error, field), field

@@ -1,0 +1,418 @@
+"""The ``redlock_*`` settings: defaults, validation, reading ``app.conf``, and
+one :class:`~celery_redlock.redlock.Redlock` per process.
+
+Every setting is read with ``app.conf.get("redlock_<name>")``, so Django's
+``CELERY_REDLOCK_<NAME>`` (``namespace="CELERY"``) works too, and can be
+overridden per task by a task attribute of the same name. A value is taken
+from the task attribute when it is not None, else from the app's
+configuration when set there, else from :data:`DEFAULTS`:
+
+======================  ===========  =================================================
+setting                 default      meaning
+======================  ===========  =================================================
+redlock_servers         (broker)     one URL or a list; unset: the broker's server when
+                                     the broker is Redis
+redlock_ttl             30.0         seconds a lock lives without being extended
+redlock_retry_count     3            attempts to acquire (0 means one)
+redlock_retry_delay     0.2          most seconds between attempts (random in [0, x])
+redlock_drift_factor    0.01         clock drift allowance, a share of the TTL
+redlock_node_timeout    0.1          seconds to wait for one node's reply
+redlock_key_prefix      "redlock:"   prefix of every task lock key
+redlock_key             None         None: all arguments; names; a callable; "": name
+redlock_on_duplicate    "skip"       "skip", "raise", "retry" or "wait"
+redlock_wait            None         most seconds "wait" blocks (None: redlock_ttl)
+redlock_lock_on         "run"        "run", or "publish" (also locked in apply_async)
+redlock_auto_extend     True         renew the lock while the body runs
+redlock_hold            0.0          keep the key at least this long after acquiring
+redlock_on_unavailable  "fail"       "fail", or "run" (run unlocked, with a WARNING)
+redlock_version_check   True         check the nodes' Redis version on first use
+======================  ===========  =================================================
+
+Bad values raise :class:`~celery_redlock.exceptions.RedlockConfigError`
+naming the setting (or the task attribute) and what it must be: at worker
+start-up for the configuration (see :func:`validate_app`), when the task is
+registered for a task attribute.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from ._nodes import parse_servers, redact
+from .exceptions import RedlockConfigError
+from .keys import KeySpec, check_key_spec
+from .redlock import Redlock
+
+__all__ = [
+    "DEFAULTS",
+    "DUPLICATE_POLICIES",
+    "LOCK_ON",
+    "SETTING_NAMES",
+    "UNAVAILABLE_POLICIES",
+    "RedlockSettings",
+    "forget_managers",
+    "get_redlock",
+    "resolve_settings",
+    "setting_name",
+    "unknown_settings",
+    "validate_app",
+]
+
+#: What ``redlock_on_duplicate`` may be.
+DUPLICATE_POLICIES = ("skip", "raise", "retry", "wait")
+#: What ``redlock_lock_on`` may be.
+LOCK_ON = ("run", "publish")
+#: What ``redlock_on_unavailable`` may be.
+UNAVAILABLE_POLICIES = ("fail", "run")
+#: Prefix of every setting and task attribute.
+PREFIX = "redlock_"
+#: The shortest lock TTL, in seconds.
+MIN_TTL = 0.01
+#: Settings other parts own and validate (the beat scheduler's, see beat.py).
+OTHER_SETTINGS = ("redlock_beat_lock_key", "redlock_beat_ttl", "redlock_beat_poll")
+
+
+@dataclass(frozen=True)
+class RedlockSettings:
+    """The resolved settings of one task (or of the app), validated."""
+
+    #: the Redis masters (URLs or clients); the broker's server when unset
+    servers: tuple[Any, ...] = ()
+    #: seconds a lock lives without being extended
+    ttl: float = 30.0
+    #: attempts to acquire (0 means one)
+    retry_count: int = 3
+    #: most seconds between attempts
+    retry_delay: float = 0.2
+    #: clock drift allowance, as a share of the TTL
+    drift_factor: float = 0.01
+    #: seconds to wait for one node's reply
+    node_timeout: float = 0.1
+    #: prefix of every task lock key
+    key_prefix: str = "redlock:"
+    #: None (all arguments), argument names, a callable returning a str, or ""
+    key: KeySpec = None
+    #: "skip", "raise", "retry" or "wait"
+    on_duplicate: str = "skip"
+    #: most seconds the "wait" policy blocks; None means ``ttl``
+    wait: float | None = None
+    #: "run", or "publish" to lock in ``apply_async`` as well
+    lock_on: str = "run"
+    #: renew the lock while the body runs
+    auto_extend: bool = True
+    #: seconds the key stays held at least, counted from acquiring
+    hold: float = 0.0
+    #: "fail", or "run" without the lock
+    on_unavailable: str = "fail"
+    #: check the nodes' Redis version when the process first uses them
+    version_check: bool = True
+    #: why ``servers`` is empty (resolved with ``require_servers=False``); not a setting
+    servers_error: str = field(default="", repr=False, compare=False)
+
+    @property
+    def wait_for(self) -> float:
+        """Seconds the "wait" policy blocks (``wait``, else ``ttl``)."""
+        return self.ttl if self.wait is None else self.wait
+
+    @property
+    def manager_key(self) -> tuple[Any, ...]:
+        """What decides which process-wide :class:`Redlock` serves these settings."""
+        servers = tuple(s if isinstance(s, str) else id(s) for s in self.servers)
+        return (
+            servers,
+            self.retry_count,
+            self.retry_delay,
+            self.drift_factor,
+            self.node_timeout,
+            self.version_check,
+        )
+
+
+#: Setting (without the ``redlock_`` prefix) -> default.
+DEFAULTS: Mapping[str, Any] = {
+    f.name: f.default for f in fields(RedlockSettings) if f.name != "servers_error"
+}
+#: Every setting's full name, ``redlock_servers`` ... ``redlock_version_check``.
+SETTING_NAMES = tuple(PREFIX + name for name in DEFAULTS)
+
+
+def setting_name(name: str) -> str:
+    """``"ttl"`` -> ``"redlock_ttl"``."""
+    return PREFIX + name
+
+
+# -- validation ---------------------------------------------------------------
+
+
+def _number(where: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RedlockConfigError(f"{where} must be a number of seconds, not {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise RedlockConfigError(f"{where} must be a finite number {bound}, not {value!r}")
+    return number
+
+
+def _choice(where: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise RedlockConfigError(f"{where} must be one of {listed}, not {value!r}")
+    return str(value)
+
+
+def _flag(where: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise RedlockConfigError(f"{where} must be True or False, not {value!r}")
+    return value
+
+
+def _servers(where: str, value: object) -> tuple[Any, ...]:
+    servers = (value,) if isinstance(value, str) or not isinstance(value, (list, tuple)) else value
+    try:
+        parse_servers(list(servers))
+    except RedlockConfigError as exc:
+        raise RedlockConfigError(f"{where}: {exc}") from None
+    return tuple(servers)
+
+
+def _validate(name: str, value: object, where: str, func: Callable[..., Any] | None) -> Any:
+    if name == "servers":
+        return _servers(where, value)
+    if name == "ttl":
+        ttl = _number(where, value, positive=True)
+        if ttl < MIN_TTL:
+            raise RedlockConfigError(
+                f"{where} must be at least {MIN_TTL} s (the drift allowance eats shorter "
+                f"ones), not {value!r}"
+            )
+        return ttl
+    if name == "node_timeout":
+        return _number(where, value, positive=True)
+    if name in ("retry_delay", "hold"):
+        return _number(where, value)
+    if name == "wait":
+        return None if value is None else _number(where, value)
+    if name == "retry_count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RedlockConfigError(
+                f"{where} must be an int >= 0 (0 means a single attempt), not {value!r}"
+            )
+        return value
+    if name == "drift_factor":
+        number = _number(where, value)
+        if number >= 0.5:
+            raise RedlockConfigError(f"{where} must be in [0, 0.5), not {value!r}; 0.01 is usual")
+        return number
+    if name == "key_prefix":
+        if not isinstance(value, str):
+            raise RedlockConfigError(f"{where} must be a str such as 'redlock:', not {value!r}")
+        return value
+    if name == "key":
+        check_key_spec(value, func, where)
+        return value
+    if name == "on_duplicate":
+        return _choice(where, value, DUPLICATE_POLICIES)
+    if name == "lock_on":
+        return _choice(where, value, LOCK_ON)
+    if name == "on_unavailable":
+        return _choice(where, value, UNAVAILABLE_POLICIES)
+    if name in ("auto_extend", "version_check"):
+        return _flag(where, value)
+    raise AssertionError(name)  # pragma: no cover
+
+
+def conf_where(name: str) -> str:
+    """How an error names a setting read from the app's configuration."""
+    return f"the setting {setting_name(name)}"
+
+
+def task_where(name: str, task_name: str) -> str:
+    """How an error names a task attribute."""
+    return f"the attribute {setting_name(name)} of task {task_name}"
+
+
+def validate_value(
+    name: str, value: object, where: str, func: Callable[..., Any] | None = None
+) -> Any:
+    """Validate one setting's value (not None); return it normalised.
+
+    Raises :class:`RedlockConfigError` naming ``where``.
+    """
+    return _validate(name, value, where, func)
+
+
+def _broker_servers(app: Any) -> tuple[Any, ...]:
+    url = app.conf.get("broker_write_url") or app.conf.get("broker_url")
+    if isinstance(url, (list, tuple)):
+        url = url[0] if url else None
+    if isinstance(url, str):
+        first = url.split(";")[0].strip()
+        if first.split("://", 1)[0].lower() in ("redis", "rediss"):
+            return (first,)
+    shown = redact(str(url)) if url else "not set"
+    raise RedlockConfigError(
+        f"the setting redlock_servers is not set and the broker ({shown}) is not a Redis URL; "
+        "set app.conf.redlock_servers to one Redis URL or a list of them, e.g. "
+        "['redis://r1:6379/0', 'redis://r2:6379/0', 'redis://r3:6379/0'] "
+        "(CELERY_REDLOCK_SERVERS with Django)"
+    )
+
+
+def resolve_settings(
+    app: Any,
+    task: Any = None,
+    *,
+    func: Callable[..., Any] | None = None,
+    require_servers: bool = True,
+) -> RedlockSettings:
+    """The settings for ``task`` (or the app's, when ``task`` is None), validated.
+
+    Each value comes from the task attribute when not None, else from
+    ``app.conf.get("redlock_<name>")`` when not None, else the default.
+    With ``require_servers=False``, a process that has no servers to use (no
+    ``redlock_servers``, a broker that is not Redis) gets empty ``servers``
+    and the error is raised by :func:`get_redlock` instead: a publisher
+    computes keys without talking to Redis.
+    """
+    conf = app.conf
+    values: dict[str, Any] = {}
+    task_name = getattr(task, "name", None) or "?"
+    for name, default in DEFAULTS.items():
+        full = setting_name(name)
+        value = getattr(task, full, None) if task is not None else None
+        if value is not None:
+            where = task_where(name, task_name)
+        else:
+            value = conf.get(full)
+            where = conf_where(name)
+        if value is None:
+            if name == "servers":
+                try:
+                    values[name] = _broker_servers(app)
+                except RedlockConfigError as exc:
+                    if require_servers:
+                        raise
+                    values[name], values["servers_error"] = (), str(exc)
+            else:
+                values[name] = default
+            continue
+        values[name] = _validate(name, value, where, func)
+    return RedlockSettings(**values)
+
+
+def unknown_settings(names: Iterable[object], namespace: str | None = None) -> list[str]:
+    """Error lines for ``redlock_*`` names that are not settings (typos).
+
+    ``redlock_beat_*`` names belong to :mod:`celery_redlock.beat`, which checks them.
+    """
+    errors = []
+    ns = (namespace or "").lower()
+    for raw in names:
+        if not isinstance(raw, str):
+            continue
+        name = raw.lower()
+        if ns and name.startswith(ns + "_"):
+            name = name[len(ns) + 1 :]
+        if name in OTHER_SETTINGS:
+            continue  # another part's settings, validated there
+        if name.startswith(PREFIX) and name not in SETTING_NAMES and name != "redlock_lost":
+            known = SETTING_NAMES + OTHER_SETTINGS
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            errors.append(
+                f"{raw} is not a celery_redlock setting{hint} "
+                f"(the settings are {', '.join(known)})"
+            )
+    return errors
+
+
+def validate_app(app: Any, tasks: Iterable[Any] = ()) -> None:
+    """Check the app's ``redlock_*`` configuration and every given task's settings.
+
+    Called when a worker starts (see :mod:`celery_redlock.signals`); raises
+    :class:`RedlockConfigError` naming the first bad setting.
+    """
+    names = list(app.conf.keys())
+    namespace = getattr(app, "namespace", None)
+    errors = unknown_settings(names, namespace)
+    if errors:
+        raise RedlockConfigError(errors[0])
+    tasks = list(tasks)
+    for task in tasks:
+        resolve_settings(app, task, func=getattr(task, "run", None))
+    if not tasks and _mentions_redlock(names, namespace):
+        resolve_settings(app)
+
+
+def _mentions_redlock(names: list[Any], namespace: str | None) -> bool:
+    ns = f"{namespace.lower()}_" if namespace else ""
+    for raw in names:
+        name = raw.lower() if isinstance(raw, str) else ""
+        if name.startswith(PREFIX) or (ns and name.startswith(ns + PREFIX)):
+            return True
+    return False
+
+
+# -- one Redlock per process ---------------------------------------------------
+
+_managers: dict[tuple[Any, ...], Redlock] = {}
+_orphans: list[Redlock] = []  # a parent's managers, kept (never closed) in a forked child
+_owner = os.getpid()
+_guard = threading.Lock()
+
+
+def get_redlock(settings: RedlockSettings) -> Redlock:
+    """The process's :class:`Redlock` for ``settings``' servers, created on first use.
+
+    Never shared across a fork: a child process makes its own.
+    """
+    global _owner
+    if not settings.servers:
+        raise RedlockConfigError(settings.servers_error or "no Redis servers: set redlock_servers")
+    key = settings.manager_key
+    manager = _managers.get(key)
+    if manager is not None and _owner == os.getpid():
+        return manager
+    with _guard:
+        if _owner != os.getpid():
+            _forget_in_child()
+        manager = _managers.get(key)
+        if manager is None:
+            manager = Redlock(
+                list(settings.servers),
+                retry_count=settings.retry_count,
+                retry_delay=settings.retry_delay,
+                drift_factor=settings.drift_factor,
+                version_check=settings.version_check,
+                node_timeout=settings.node_timeout,
+            )
+            _managers[key] = manager
+        return manager
+
+
+def _forget_in_child() -> None:
+    global _owner, _guard
+    _orphans.extend(_managers.values())
+    _managers.clear()
+    _owner = os.getpid()
+    _guard = threading.Lock()
+
+
+def forget_managers() -> None:
+    """Close and drop this process's managers (tests; a new app configuration)."""
+    with _guard:
+        managers = list(_managers.values()) if _owner == os.getpid() else []
+        _managers.clear()
+    for manager in managers:
+        manager.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)

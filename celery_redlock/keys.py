@@ -1,0 +1,217 @@
+"""Lock keys for Celery tasks: task name + bound arguments -> canonical bytes -> key.
+
+A task's key is ``{prefix}{task name}:{sha256 of the canonical arguments}``:
+
+- The call's arguments are bound to the task's signature with the defaults
+  applied, so ``f(1)``, ``f(1, False)`` and ``f(account_id=1)`` give one key.
+  For a ``bind=True`` task the signature is that of the bound method (no
+  ``self``).
+- The canonical form is the arguments as kombu's JSON serializer sends them,
+  keys sorted: a tuple and a list are the same, so are ``{1: "a"}`` and
+  ``{"1": "a"}``, because that is what reaches the worker. UUID, datetime,
+  date, time, Decimal and bytes are encoded as kombu encodes them (and any
+  type registered with ``kombu.utils.json.register_type``). So the key
+  computed when the task is sent equals the key computed when it runs.
+- Only a digest goes into the key: no argument value appears in Redis.
+
+``redlock_key`` narrows or replaces the arguments: a sequence of argument
+names (only those count), a callable taking the task's arguments and
+returning a string (whose digest is used), or ``""`` for the task name alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
+
+from kombu.utils.json import JSONEncoder
+
+from .exceptions import RedlockConfigError
+
+__all__ = [
+    "KeySpec",
+    "bind_arguments",
+    "build_key",
+    "canonical",
+    "check_key_spec",
+    "digest",
+]
+
+#: What ``redlock_key`` may be: None (all arguments), names, a callable, or "".
+KeySpec = Union[None, str, Sequence[str], Callable[..., str]]  # noqa: UP007
+
+
+class _KeyEncoder(JSONEncoder):
+    """kombu's JSON encoder (UUID, datetime, Decimal, bytes, registered types)."""
+
+
+def _json_key(key: object) -> str:
+    """A dict key as ``json.dumps`` writes it (and as the worker receives it)."""
+    if isinstance(key, str):
+        return key
+    if key is True:
+        return "true"
+    if key is False:
+        return "false"
+    if key is None:
+        return "null"
+    if isinstance(key, (int, float)):
+        return json.dumps(key)
+    raise TypeError(f"a dict key of type {type(key).__name__} ({key!r}) is not JSON-encodable")
+
+
+def _normalise(value: object) -> object:
+    """``value`` shaped as after a JSON round trip: tuples as lists, dict keys as str."""
+    if isinstance(value, dict):
+        return {_json_key(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def canonical(value: object) -> bytes:
+    """The canonical bytes of ``value``: kombu's JSON, keys sorted, no spaces.
+
+    Raises TypeError when kombu's JSON cannot encode ``value`` (a set, an
+    arbitrary object, ...).
+    """
+    text = json.dumps(
+        _normalise(value),
+        cls=_KeyEncoder,
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=True,
+    )
+    return text.encode("utf-8")
+
+
+def digest(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    target = getattr(func, "__func__", func)  # a bound method: cache by its function
+    sig = _SIGNATURES.get((target, hasattr(func, "__self__")))
+    if sig is None:
+        sig = inspect.signature(func)
+        _SIGNATURES[(target, hasattr(func, "__self__"))] = sig
+    return sig
+
+
+def bind_arguments(
+    func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], task_name: str
+) -> inspect.BoundArguments:
+    """Bind ``args``/``kwargs`` to ``func``'s signature, defaults applied.
+
+    Raises TypeError naming the task when the arguments do not fit.
+    """
+    try:
+        bound = _signature(func).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(
+            f"task {task_name}: the arguments {tuple(args)!r}, {dict(kwargs)!r} do not match "
+            f"its signature {_signature(func)}: {exc}"
+        ) from None
+    bound.apply_defaults()
+    return bound
+
+
+def _encode_arguments(arguments: Mapping[str, Any], task_name: str) -> bytes:
+    try:
+        return canonical(dict(arguments))
+    except (TypeError, ValueError):
+        pass
+    for name, value in arguments.items():  # find the argument to name in the error
+        try:
+            canonical(value)
+        except (TypeError, ValueError) as exc:
+            raise RedlockConfigError(
+                f"task {task_name}: argument {name!r} ({type(value).__name__}) cannot be "
+                f"encoded for its lock key ({exc}). The key hashes the arguments as kombu's "
+                "JSON sends them (str, numbers, bool, None, lists, dicts, UUID, datetime, "
+                "Decimal, bytes). Pass an encodable value, or set redlock_key to the names "
+                "of the arguments that identify the work, or to a callable returning a str."
+            ) from None
+    raise RedlockConfigError(  # pragma: no cover - each argument alone was encodable
+        f"task {task_name}: its arguments cannot be encoded for its lock key"
+    )
+
+
+def check_key_spec(spec: object, func: Callable[..., Any] | None, where: str) -> None:
+    """Validate a ``redlock_key`` value; raise :class:`RedlockConfigError` naming ``where``."""
+    if spec is None or spec == "" or callable(spec):
+        return
+    if isinstance(spec, str):
+        raise RedlockConfigError(
+            f"{where} is the str {spec!r}: give a list of argument names such as "
+            f'({spec!r},), a callable returning a str, "" for the task name alone, '
+            "or None for all arguments"
+        )
+    if not isinstance(spec, (list, tuple)) or not all(isinstance(n, str) for n in spec):
+        raise RedlockConfigError(
+            f"{where} must be None (all arguments), a list of argument names, a callable "
+            f'returning a str, or "" (the task name alone), not {spec!r}'
+        )
+    if not spec:
+        raise RedlockConfigError(f'{where} is an empty list; use "" to lock on the task name alone')
+    if func is None:
+        return
+    params = _signature(func).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [name for name in spec if name not in params]
+    if unknown:
+        raise RedlockConfigError(
+            f"{where} names {', '.join(map(repr, unknown))}, which "
+            f"{'is not a parameter' if len(unknown) == 1 else 'are not parameters'} of the "
+            f"task; its parameters are {', '.join(params) or '(none)'}"
+        )
+
+
+def build_key(
+    prefix: str,
+    task_name: str,
+    func: Callable[..., Any],
+    args: Sequence[Any] | None,
+    kwargs: Mapping[str, Any] | None,
+    spec: object = None,
+) -> str:
+    """The lock key of one call of ``task_name`` (see the module docstring).
+
+    ``func`` is the task's ``run`` (a bound method for ``bind=True`` tasks).
+    """
+    if spec == "":
+        return f"{prefix}{task_name}"
+    bound = bind_arguments(func, args or (), kwargs or {}, task_name)
+    if callable(spec):
+        made = spec(*bound.args, **bound.kwargs)
+        if not isinstance(made, str):
+            raise RedlockConfigError(
+                f"task {task_name}: its redlock_key callable returned {type(made).__name__} "
+                f"{made!r}; it must return a str"
+            )
+        return f"{prefix}{task_name}:{digest(made.encode('utf-8'))}"
+    arguments: Mapping[str, Any] = bound.arguments
+    if spec is not None:
+        names: Sequence[str] = spec  # type: ignore[assignment]
+        arguments = {name: _lookup(bound, name, task_name) for name in names}
+    return f"{prefix}{task_name}:{digest(_encode_arguments(arguments, task_name))}"
+
+
+def _lookup(bound: inspect.BoundArguments, name: str, task_name: str) -> Any:
+    if name in bound.arguments:
+        return bound.arguments[name]
+    for param in bound.signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            return bound.arguments.get(param.name, {}).get(name)
+    raise RedlockConfigError(  # pragma: no cover - check_key_spec catches it at bind time
+        f"task {task_name}: redlock_key names {name!r}, which is not one of its arguments"
+    )

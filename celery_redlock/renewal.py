@@ -1,0 +1,270 @@
+"""Keeping held locks alive: one renewer thread per process.
+
+:func:`watch` hands a held :class:`~celery_redlock.redlock.Lock` to the
+process's :class:`Renewer`, which re-arms it with ``extend(ttl)`` every
+``ttl / 3`` seconds until :meth:`Watch.cancel` is called. When the lock is
+lost, the watch's ``on_lost`` callback is called once, from the renewer
+thread, and the lock is no longer renewed. A lock counts as lost when:
+
+- a quorum can no longer hold it: enough nodes answered that the key is
+  gone or holds another token (taken over, expired, force-released); or
+- it could not be re-armed before its validity ran out (nodes erred or
+  timed out on every try). A failed renewal that leaves time is retried
+  sooner (a third of what is left), so one slow reply does not lose a lock.
+
+There is one thread per process, started lazily by the first :func:`watch`.
+A forked child does not inherit the thread nor the parent's watches: its
+first :func:`watch` starts its own.
+
+This module does not import celery.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .exceptions import LockExtendError, Vote
+from .redlock import Lock
+
+__all__ = ["Renewer", "Watch", "get_renewer", "watch"]
+
+_log = logging.getLogger(__name__)
+
+#: Renew at this share of the TTL.
+RENEW_SHARE = 1 / 3
+#: Never renew more often than this (seconds), however short the TTL.
+MIN_INTERVAL = 0.01
+#: Drop cancelled watches from the queue once it holds this many entries (doubling after).
+COMPACT_AT = 1024
+
+OnLost = Callable[["Watch"], object]
+
+
+class Watch:
+    """One lock kept alive by a :class:`Renewer`.
+
+    ``lost`` becomes True when the lock is lost (before ``on_lost`` is
+    called); ``renewals`` counts the successful extends.
+    """
+
+    __slots__ = ("_busy", "cancelled", "interval", "lock", "lost", "on_lost", "renewals", "ttl")
+
+    def __init__(self, lock: Lock, ttl: float, interval: float, on_lost: OnLost | None) -> None:
+        self.lock = lock
+        self.ttl = ttl
+        self.interval = interval
+        self.on_lost = on_lost
+        self.cancelled = False
+        self.lost = False
+        self.renewals = 0
+        self._busy = threading.Lock()  # held while a renewal is in flight
+
+    def cancel(self) -> None:
+        """Stop renewing. Idempotent.
+
+        Returns once no renewal is in flight, so the caller may then release
+        the lock, or re-arm it with a TTL of its own, and no late renewal
+        overwrites that TTL.
+        """
+        with self._busy:
+            self.cancelled = True
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost else "cancelled" if self.cancelled else "watched"
+        return f"<Watch {self.lock.resource!r} every {self.interval:.3g}s {state}>"
+
+
+class Renewer:
+    """Renews watched locks from one daemon thread, started on first use.
+
+    ``clock`` and ``sleep``-free waiting make it testable with a fake clock:
+    the thread waits on a condition until the next renewal is due.
+    """
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, name: str = "celery-redlock-renewer"
+    ) -> None:
+        self.clock = clock
+        self.name = name
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[float, int, Watch]] = []
+        self._seq = itertools.count()
+        self._compact_at = COMPACT_AT
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _ensure_own(self) -> None:
+        if self._pid != os.getpid():  # a forked child: nothing of the parent's is ours
+            self._reset()
+
+    def watch(
+        self,
+        lock: Lock,
+        ttl: float,
+        on_lost: OnLost | None = None,
+        *,
+        interval: float | None = None,
+    ) -> Watch:
+        """Keep ``lock`` alive by extending it to ``ttl`` seconds every ``interval``.
+
+        ``interval`` defaults to ``ttl / 3``. ``lock.manager`` must be set.
+        Returns the :class:`Watch`; call its ``cancel()`` before releasing.
+        """
+        if lock.manager is None:
+            raise ValueError(f"lock {lock.resource!r} has no manager to extend it with")
+        every = max(MIN_INTERVAL, ttl * RENEW_SHARE if interval is None else interval)
+        item = Watch(lock, ttl, every, on_lost)
+        self._ensure_own()
+        with self._cond:
+            self._push(self.clock() + every, item)
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+                self._thread.start()
+        return item
+
+    def _push(self, due: float, item: Watch) -> None:
+        if len(self._queue) >= self._compact_at:  # cancelled watches wait until due: drop them
+            self._queue = [entry for entry in self._queue if not entry[2].cancelled]
+            heapq.heapify(self._queue)
+            self._compact_at = max(COMPACT_AT, 2 * len(self._queue))
+        first = self._queue[0][0] if self._queue else None
+        heapq.heappush(self._queue, (due, next(self._seq), item))
+        if first is None or due < first:
+            self._cond.notify()
+
+    def cancel(self, item: Watch) -> None:
+        """Stop renewing ``item`` (same as ``item.cancel()``)."""
+        item.cancel()
+
+    def __len__(self) -> int:
+        """How many watches are still renewed."""
+        with self._cond:
+            return sum(1 for _, _, w in self._queue if not (w.cancelled or w.lost))
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """Stop the thread (watches are dropped, not released)."""
+        with self._cond:
+            self._stopping = True
+            self._queue.clear()
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # -- the thread ---------------------------------------------------------------
+
+    def _next_due(self) -> Watch | None:
+        """Wait until a watch is due; None when stopping."""
+        with self._cond:
+            while not self._stopping:
+                while self._queue and self._queue[0][2].cancelled:
+                    heapq.heappop(self._queue)
+                if not self._queue:
+                    self._cond.wait()
+                    continue
+                due, _, item = self._queue[0]
+                delay = due - self.clock()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                heapq.heappop(self._queue)
+                return item
+            return None
+
+    def _run(self) -> None:
+        while True:
+            item = self._next_due()
+            if item is None:
+                return
+            try:
+                self._renew(item)
+            except Exception:  # never let the thread die
+                _log.exception("renewal of lock %r failed unexpectedly", item.lock.resource)
+
+    def _renew(self, item: Watch) -> None:
+        with item._busy:
+            if item.cancelled:
+                return
+            lost = self._extend(item)
+        if lost and item.on_lost is not None:
+            try:
+                item.on_lost(item)
+            except Exception:
+                _log.exception("the on_lost callback of lock %r raised", item.lock.resource)
+
+    def _extend(self, item: Watch) -> bool:
+        """Renew ``item`` once and schedule the next try; True when the lock is lost."""
+        lock = item.lock
+        manager = lock.manager
+        assert manager is not None
+        lost_now = False
+        try:
+            ok = manager.extend(lock, item.ttl, strict=True)
+        except LockExtendError as exc:
+            ok = False
+            nodes = len(manager.nodes)
+            gone = sum(1 for v in exc.votes if v.vote is Vote.HELD)
+            # No votes: the lock had expired before the extend was even sent.
+            lost_now = not exc.votes or gone > nodes - manager.quorum
+        except Exception as exc:  # a transport failure; treat as "no answer"
+            _log.debug("renewal of lock %r raised %r", lock.resource, exc)
+            ok = False
+        if ok:
+            item.renewals += 1
+            with self._cond:
+                self._push(self.clock() + item.interval, item)
+            return False
+        remaining = lock.remaining
+        if not lost_now and remaining is not None and remaining > MIN_INTERVAL:
+            _log.debug(
+                "renewal of lock %r failed; %.3fs left, trying again", lock.resource, remaining
+            )
+            with self._cond:
+                self._push(self.clock() + max(MIN_INTERVAL, remaining / 3), item)
+            return False
+        item.lost = True
+        return True
+
+
+_renewer: Renewer | None = None
+_renewer_guard = threading.Lock()
+
+
+def get_renewer() -> Renewer:
+    """This process's :class:`Renewer` (a forked child gets its own)."""
+    global _renewer
+    renewer = _renewer
+    if renewer is None:
+        with _renewer_guard:
+            if _renewer is None:
+                _renewer = Renewer()
+            renewer = _renewer
+    return renewer
+
+
+def watch(lock: Lock, ttl: float, on_lost: OnLost | None = None, **kwargs: Any) -> Watch:
+    """Keep ``lock`` alive from this process's renewer thread; see :meth:`Renewer.watch`."""
+    return get_renewer().watch(lock, ttl, on_lost, **kwargs)
+
+
+def _after_fork_in_child() -> None:
+    global _renewer_guard
+    _renewer_guard = threading.Lock()
+    if _renewer is not None:
+        _renewer._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

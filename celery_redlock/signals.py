@@ -1,0 +1,192 @@
+"""The plugin's own signals, and its handlers on Celery's.
+
+Signals sent by :class:`~celery_redlock.task.RedlockTask`, each with the task
+as sender and ``task_id`` and ``key`` (the Redis key of the lock) among the
+arguments::
+
+    from celery_redlock.signals import lock_lost
+
+    @lock_lost.connect
+    def page_someone(sender, task_id, key, held_for, **kwargs): ...
+
+- :data:`lock_acquired` (``ttl``, ``validity``, ``waited``): a run (or, with
+  ``redlock_lock_on="publish"``, ``apply_async``) took the lock.
+- :data:`lock_skipped` (``holder``, ``ttl_left``, ``when``): a duplicate was
+  not run (``when="run"``) or not sent (``when="publish"``) because
+  ``holder`` holds the lock.
+- :data:`lock_released` (``reason``, ``held_for``, ``hold_left``): the lock
+  was released, or left to expire after ``hold_left`` seconds
+  (``redlock_hold``). ``reason`` is the way the run ended: ``"success"``,
+  ``"failure"``, ``"ignored"``, ``"rejected"``, ``"replaced"``, or, from the
+  main worker process, ``"terminated"``, ``"revoked"``, ``"expired"``,
+  ``"worker-lost"``, ``"time-limit"``; ``"retry-new-arguments"`` when a
+  retry changes the key; ``"postrun:<state>"`` when only the ``task_postrun``
+  safety net released it (a subclass whose ``__call__`` skips ``super()``).
+  ``held_for`` is None when released by the main worker process (which did
+  not take the lock).
+- :data:`lock_lost` (``held_for``): the renewer could not keep the lock; the
+  body may be running without it. ``task.redlock_lost`` is then true.
+
+Handlers connected on Celery's signals (each with a ``dispatch_uid``):
+
+- ``task_revoked`` (main worker process): release the lock of a task that was
+  terminated, revoked or expired, by its task id (the token). After a
+  terminate, :data:`SIGNALLED_RELEASE_DELAY` later, so the child is gone.
+- ``task_failure`` (main worker process): release the lock of a task whose
+  child process died (``WorkerLostError``, at once) or hit its hard time limit
+  (:data:`SIGNALLED_RELEASE_DELAY` later: Celery reports it before the kill).
+- ``task_postrun`` (the process that ran the task): a safety net; the run
+  normally releases before its result is stored.
+- ``worker_init``: add a worker bootstep that validates the ``redlock_*``
+  settings, so a bad one stops the worker at start-up (an exception raised by
+  a signal receiver would only be logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import bootsteps
+from celery.exceptions import TimeLimitExceeded, WorkerLostError
+from celery.signals import task_failure, task_postrun, task_revoked, worker_init
+from celery.utils.dispatch import Signal
+
+__all__ = [
+    "RedlockWorkerStep",
+    "connect_handlers",
+    "lock_acquired",
+    "lock_lost",
+    "lock_released",
+    "lock_skipped",
+]
+
+_log = logging.getLogger(__name__)
+
+#: A run (or ``apply_async`` with ``redlock_lock_on="publish"``) took the lock.
+lock_acquired = Signal(
+    name="lock_acquired",
+    providing_args={"task_id", "key", "ttl", "validity", "waited"},
+)
+#: A duplicate was skipped: not run, or (at publish) not sent.
+lock_skipped = Signal(
+    name="lock_skipped",
+    providing_args={"task_id", "key", "holder", "ttl_left", "when"},
+)
+#: The lock was released (or, with ``redlock_hold``, left to expire).
+lock_released = Signal(
+    name="lock_released",
+    providing_args={"task_id", "key", "reason", "held_for", "hold_left"},
+)
+#: The lock was lost while the task ran.
+lock_lost = Signal(
+    name="lock_lost",
+    providing_args={"task_id", "key", "held_for"},
+)
+
+#: Seconds the main worker process waits before it releases the lock of a
+#: child it signalled (``revoke(terminate=True)``, hard time limit): Celery
+#: reports both as soon as the signal is sent (for a time limit, even before),
+#: and the child must be gone before another run may take the lock.
+SIGNALLED_RELEASE_DELAY = 0.5
+
+
+def _is_redlock_task(task: object) -> bool:
+    return bool(getattr(task, "__redlock_task__", False))
+
+
+def _on_task_revoked(
+    sender: Any = None,
+    request: Any = None,
+    terminated: bool = False,
+    expired: bool = False,
+    **_: Any,
+) -> None:
+    if not _is_redlock_task(sender) or request is None:
+        return
+    if terminated:  # the child was signalled just now: release once it is gone
+        _release_later(sender, request.id, request.args, request.kwargs, "terminated")
+        return
+    reason = "expired" if expired else "revoked"  # it never ran: release at once
+    sender._redlock_release_by_id(request.id, request.args, request.kwargs, reason)
+
+
+def _release_later(task: Any, task_id: str, args: Any, kwargs: Any, reason: str) -> None:
+    timer = threading.Timer(
+        SIGNALLED_RELEASE_DELAY, task._redlock_release_by_id, (task_id, args, kwargs, reason)
+    )
+    timer.daemon = True
+    timer.start()
+
+
+def _on_task_failure(
+    sender: Any = None,
+    task_id: str | None = None,
+    exception: BaseException | None = None,
+    args: Any = None,
+    kwargs: Any = None,
+    **_: Any,
+) -> None:
+    if not _is_redlock_task(sender) or task_id is None:
+        return
+    if isinstance(exception, WorkerLostError):
+        sender._redlock_release_by_id(task_id, args, kwargs, "worker-lost")
+    elif isinstance(exception, TimeLimitExceeded):
+        # Sent by the main process just before it kills the child: release after.
+        _release_later(sender, task_id, args, kwargs, "time-limit")
+
+
+def _on_task_postrun(
+    sender: Any = None, task: Any = None, state: str | None = None, **_: Any
+) -> None:
+    task = task if task is not None else sender
+    if _is_redlock_task(task):
+        task._redlock_after_run(state)
+
+
+class RedlockWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Validates the ``redlock_*`` settings when the worker is built.
+
+    Raises :class:`~celery_redlock.exceptions.RedlockConfigError`, which stops
+    the worker before it consumes anything.
+    """
+
+    label = "Redlock"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        from .config import validate_app
+
+        super().__init__(parent, **kwargs)
+        app = parent.app
+        tasks = [t for t in app.tasks.values() if _is_redlock_task(t)]
+        validate_app(app, tasks)
+
+    def include_if(self, parent: Any) -> bool:
+        return False  # nothing to start or stop: the check is all
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        app.steps["worker"].add(RedlockWorkerStep)
+
+
+_connected = False
+_connect_guard = threading.Lock()
+
+
+def connect_handlers() -> None:
+    """Connect the handlers on Celery's signals (idempotent; done on import)."""
+    global _connected
+    with _connect_guard:
+        if _connected:
+            return
+        task_revoked.connect(_on_task_revoked, weak=False, dispatch_uid="celery_redlock.revoked")
+        task_failure.connect(_on_task_failure, weak=False, dispatch_uid="celery_redlock.failure")
+        task_postrun.connect(_on_task_postrun, weak=False, dispatch_uid="celery_redlock.postrun")
+        worker_init.connect(_on_worker_init, weak=False, dispatch_uid="celery_redlock.worker_init")
+        _connected = True
+
+
+connect_handlers()

@@ -1,0 +1,662 @@
+"""RedlockTask: a Celery task that never has two runs of the same key at once.
+
+::
+
+    from celery_redlock import RedlockTask
+
+    app.conf.redlock_servers = ["redis://r1:6379/0", "redis://r2:6379/0", "redis://r3:6379/0"]
+
+    @app.task(base=RedlockTask)                  # key: task name + all arguments
+    def sync_account(account_id, full=False): ...
+
+    @app.task(base=RedlockTask, redlock_key=("account_id",), redlock_on_duplicate="retry")
+    def charge(account_id, amount): ...
+
+The lock's token is the task id; its key is
+``{redlock_key_prefix}{task name}:{sha256 of the canonical arguments}``
+(see :mod:`celery_redlock.keys`).
+
+The lock's life:
+
+- taken in :meth:`~RedlockTask.before_start`, inside Celery's traced block
+  (a duplicate never reaches the body), with ``redlock_ttl`` and, when
+  ``redlock_auto_extend`` is true, kept alive by the process's renewer thread
+  (:mod:`celery_redlock.renewal`) while the body runs; when it is lost
+  anyway, ``self.redlock_lost`` becomes true, :data:`~.signals.lock_lost` is
+  sent and an ERROR logged;
+- released as soon as the body ends, before the result is stored (so a
+  caller woken by ``.get()`` finds the lock free): on success, failure,
+  ``Ignore``, ``Reject`` and ``Task.replace()``;
+- kept across ``self.retry()`` and ``autoretry_for`` (the retried run re-enters
+  with the same task id), its TTL set to cover the countdown or ETA; released
+  when the retry changes the arguments, and so the key;
+- released by the main worker process (:mod:`celery_redlock.signals`), which
+  computes the key from the request and uses the task id as the token, when
+  the task is revoked with ``terminate=True``, its message expires or is
+  revoked before it runs, its child process dies (``WorkerLostError``), or it
+  hits its hard time limit. A child that was signalled gets half a second to
+  die first; a terminate signal the task survives (a handler of its own)
+  frees the lock while it still runs. With ``acks_late`` and
+  ``reject_on_worker_lost``, a lost child's lock is kept for the redelivered
+  message (same task id). After the whole worker is SIGKILLed, the lock
+  expires within ``redlock_ttl``;
+- with ``redlock_hold``, the key is left to expire ``redlock_hold`` seconds
+  after it was acquired by the run, when the run ends sooner (runs ended by
+  the main worker process release at once);
+- with ``redlock_lock_on="publish"``, also taken in ``apply_async`` (so a
+  duplicate is not even sent) with the TTL plus any countdown or ETA; a retry
+  (same task id) is not a duplicate.
+
+Duplicates (``redlock_on_duplicate``):
+
+- ``"skip"`` (default): the body does not run. At run time the duplicate
+  ends as SUCCESS with the result None, so a caller waiting on ``.get()``
+  gets None at once, and chains and chords go on; INFO is logged and
+  :data:`~.signals.lock_skipped` sent (the marker to tell a skipped run
+  from one that returned None). Why not another state: ``Ignore`` leaves the
+  result PENDING, and a custom state is not ready, so ``.get()`` would wait
+  forever; REVOKED would make ``.get()`` raise and fail a chord. A caller
+  that must know uses ``"raise"``. At publish time, ``apply_async`` returns
+  the AsyncResult of the task that holds the lock.
+- ``"raise"``: :class:`~celery_redlock.exceptions.DuplicateTask` naming the
+  holder and the time left: raised to the publisher, or the run's failure.
+- ``"retry"``: the run retries itself after about the holder's remaining TTL
+  (jittered; counts against ``max_retries``, then fails with DuplicateTask).
+  At publish time the message is sent with that countdown, unlocked.
+- ``"wait"``: block up to ``redlock_wait`` seconds (default ``redlock_ttl``)
+  for the lock, then as ``"raise"``.
+
+When a quorum of Redis nodes cannot be reached (``redlock_on_unavailable``):
+``"fail"`` raises :class:`~celery_redlock.exceptions.LockNotAcquired` listing
+the nodes (retried instead when the task's ``autoretry_for`` covers it), and
+``"run"`` runs the body without the lock, logging a WARNING each time.
+
+Settings: see :mod:`celery_redlock.config`. Signals: see
+:mod:`celery_redlock.signals`. For your own tests: :mod:`celery_redlock.testing`.
+
+Eager runs (``task_always_eager``, ``.apply()``) lock the same way. Calling
+the task object directly (``sync_account(1)``) runs the function without any
+lock, as Celery runs it without a worker. ``send_task`` by name does not go
+through this class, so it takes no publish-time lock (the run still locks).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils import uuid
+from celery.utils.time import get_exponential_backoff_interval
+
+from . import renewal
+from .config import (
+    DEFAULTS,
+    RedlockSettings,
+    get_redlock,
+    resolve_settings,
+    setting_name,
+    task_where,
+    unknown_settings,
+    validate_value,
+)
+from .exceptions import DuplicateTask, LockNotAcquired, QuorumUnavailable, RedlockConfigError
+from .keys import build_key
+from .redlock import Lock, LockInfo, Redlock
+from .signals import lock_acquired, lock_lost, lock_released, lock_skipped
+
+__all__ = ["RedlockTask"]
+
+_log = logging.getLogger(__name__)
+
+#: Attribute of the request (Context) holding the run's lock state.
+_RUN_ATTR = "_redlock_run"
+#: Methods and properties that carry the ``redlock_`` prefix but are no settings.
+_NOT_SETTINGS = ("redlock_lost", "redlock_key_for", "redlock_settings")
+
+
+@dataclass(eq=False)
+class _Run:
+    """One run's lock: what ``before_start`` took and the end of the run gives back."""
+
+    key: str
+    token: str
+    settings: RedlockSettings
+    manager: Redlock | None = None
+    lock: Lock | None = None
+    watch: renewal.Watch | None = None
+    acquired_at: float = 0.0
+    entered: bool = False
+    skipped: bool = False
+    lost: bool = False
+    done: bool = False
+    replaced_by: Any = None
+
+
+def _seconds_until(when: object) -> float:
+    """Seconds until a countdown (number) or an ETA (datetime or ISO str), at least 0."""
+    if when is None:
+        return 0.0
+    if isinstance(when, (int, float)) and not isinstance(when, bool):
+        return max(0.0, float(when))
+    if isinstance(when, str):
+        try:
+            when = datetime.fromisoformat(when)
+        except ValueError:
+            return 0.0
+    if isinstance(when, datetime):
+        return max(0.0, (when - datetime.now(when.tzinfo)).total_seconds())
+    return 0.0
+
+
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.1f}"
+
+
+def _jitter(seconds: float) -> float:
+    """About ``seconds`` (x0.75 to x1.25), at least 0.1."""
+    return max(0.1, seconds * random.uniform(0.75, 1.25))
+
+
+class RedlockTask(Task):  # type: ignore[misc]
+    """A task whose runs with the same key never overlap, on any number of workers.
+
+    Settings come from the task attribute of the same name when it is not
+    None, else from ``app.conf.get("redlock_<name>")``, else the default
+    (see :mod:`celery_redlock.config`). They are validated when the task is
+    registered (attributes) and when a worker starts (the configuration),
+    and resolved on first use in each process.
+
+    A subclass overriding :meth:`before_start`, :meth:`__call__`,
+    :meth:`apply_async` or :meth:`on_replace` must call ``super()``.
+    """
+
+    #: Marks the tasks the plugin's signal handlers act on.
+    __redlock_task__: ClassVar[bool] = True
+
+    #: Redis masters holding the locks: one URL or a list (``redis://``,
+    #: ``rediss://``, ``unix://``, ``"host:port"``, or ``redis.Redis`` clients).
+    #: Default: the broker's server, when the broker is Redis.
+    redlock_servers: Any = None
+
+    #: Seconds the lock lives without being extended (default 30).
+    redlock_ttl: float | None = None
+
+    #: Attempts to acquire the lock (default 3; 0 means one).
+    redlock_retry_count: int | None = None
+
+    #: Most seconds between two attempts; each wait is random in [0, x] (default 0.2).
+    redlock_retry_delay: float | None = None
+
+    #: Clock drift allowance, as a share of the TTL (default 0.01).
+    redlock_drift_factor: float | None = None
+
+    #: Seconds to wait for one Redis node's reply (default 0.1).
+    redlock_node_timeout: float | None = None
+
+    #: Prefix of the lock keys (default ``"redlock:"``).
+    redlock_key_prefix: str | None = None
+
+    #: What identifies a run: None (all arguments, the default), a list of
+    #: argument names, a callable taking the task's arguments and returning a
+    #: str, or ``""`` (the task name alone: one run of the task at a time).
+    redlock_key: Any = None
+
+    #: What a duplicate does: ``"skip"`` (default), ``"raise"``, ``"retry"`` or ``"wait"``.
+    redlock_on_duplicate: str | None = None
+
+    #: Most seconds the ``"wait"`` policy blocks (default: ``redlock_ttl``).
+    redlock_wait: float | None = None
+
+    #: When the lock is taken: ``"run"`` (default), or ``"publish"``: also in
+    #: ``apply_async``, so a duplicate is not even sent.
+    redlock_lock_on: str | None = None
+
+    #: Renew the lock every TTL/3 while the body runs (default True).
+    redlock_auto_extend: bool | None = None
+
+    #: Seconds the key stays held at least, counted from acquiring, even when
+    #: the run ends sooner (default 0): a periodic job sent by several beat
+    #: instances runs once per period.
+    redlock_hold: float | None = None
+
+    #: When no quorum of Redis nodes answers: ``"fail"`` (default) or
+    #: ``"run"`` (run unlocked, logging a WARNING).
+    redlock_on_unavailable: str | None = None
+
+    #: Check the nodes' Redis version when the process first uses them (default True).
+    redlock_version_check: bool | None = None
+
+    # -- registration ---------------------------------------------------------
+
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Validate the task's ``redlock_*`` attributes when it is registered."""
+        super().on_bound(app)
+        name = cls.name or cls.__qualname__
+        typos = unknown_settings(n for n in dir(cls) if n not in _NOT_SETTINGS)
+        if typos:
+            raise RedlockConfigError(f"task {name}: {typos[0]}")
+        func = _run_signature_of(cls)
+        for short in DEFAULTS:
+            value = getattr(cls, setting_name(short), None)
+            if value is not None:
+                validate_value(short, value, task_where(short, name), func)
+        cls._redlock_resolved = None
+
+    _redlock_resolved: ClassVar[RedlockSettings | None] = None
+
+    @property
+    def redlock_settings(self) -> RedlockSettings:
+        """This task's resolved settings (cached on first use in the process)."""
+        settings = self._redlock_resolved
+        if settings is None:
+            settings = resolve_settings(self._get_app(), self, func=self.run, require_servers=False)
+            type(self)._redlock_resolved = settings
+        return settings
+
+    def redlock_key_for(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None
+    ) -> str:
+        """The Redis key of this task's lock for a call with ``args`` and ``kwargs``."""
+        settings = self.redlock_settings
+        return build_key(settings.key_prefix, self.name, self.run, args, kwargs, settings.key)
+
+    @property
+    def redlock_lost(self) -> bool:
+        """True once the running task's lock was lost (the renewer could not keep it).
+
+        Only a renewed lock (``redlock_auto_extend``) is watched; a body that
+        must not go on without its lock checks this between steps.
+        """
+        run = getattr(self.request, _RUN_ATTR, None)
+        return isinstance(run, _Run) and run.lost
+
+    # -- acquiring --------------------------------------------------------------
+
+    def _redlock_take(
+        self, key: str, token: str, ttl: float, settings: RedlockSettings
+    ) -> tuple[Redlock | None, Lock | LockInfo | LockNotAcquired]:
+        """Try to take ``key``: the lock, the holder's info (a duplicate), or the failure."""
+        try:
+            manager = get_redlock(settings)
+        except QuorumUnavailable as exc:
+            return None, LockNotAcquired(key, exc.votes, 0, message=f"lock {key!r}: {exc}")
+        if settings.on_duplicate == "wait":
+            try:
+                return manager, manager.acquire(key, ttl, token, wait=settings.wait_for)
+            except LockNotAcquired as exc:
+                return manager, exc if exc.unavailable else manager.inspect(key)
+        attempts = max(1, settings.retry_count)
+        failure: LockNotAcquired | None = None
+        for attempt in range(attempts):
+            try:
+                return manager, manager.acquire(key, ttl, token, retry_count=0)
+            except LockNotAcquired as exc:
+                failure = exc
+                if not exc.unavailable:
+                    info = manager.inspect(key)
+                    if info.holder is not None and info.holder != token:
+                        return manager, info  # held on a quorum by another run
+            if attempt + 1 < attempts:  # split votes or failing nodes: try again
+                time.sleep(random.uniform(0, settings.retry_delay))
+        assert failure is not None
+        return manager, failure if failure.unavailable else manager.inspect(key)
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        """Take the lock before the body runs (Celery calls this inside the traced block).
+
+        A duplicate is skipped, raised, retried or waits, per ``redlock_on_duplicate``.
+        """
+        super().before_start(task_id, args, kwargs)
+        settings = self.redlock_settings
+        key = self.redlock_key_for(args, kwargs)
+        run = _Run(key, task_id, settings)
+        setattr(self.request, _RUN_ATTR, run)
+        started = time.monotonic()
+        manager, outcome = self._redlock_take(key, task_id, settings.ttl, settings)
+        run.manager = manager
+        if isinstance(outcome, Lock):
+            self._redlock_hold_lock(run, outcome, time.monotonic() - started)
+        elif isinstance(outcome, LockInfo):
+            self._redlock_duplicate(run, outcome)
+        else:
+            self._redlock_unavailable(run, outcome)
+
+    def _redlock_hold_lock(self, run: _Run, lock: Lock, waited: float) -> None:
+        run.lock = lock
+        run.acquired_at = time.monotonic()
+        try:
+            if run.settings.auto_extend:
+                run.watch = renewal.watch(
+                    lock, run.settings.ttl, functools.partial(self._redlock_on_lost, run)
+                )
+            lock_acquired.send(
+                sender=self,
+                task_id=run.token,
+                key=run.key,
+                ttl=run.settings.ttl,
+                validity=lock.validity,
+                waited=waited,
+            )
+        except BaseException:
+            self._redlock_end(run, "failure")
+            raise
+
+    def _redlock_duplicate(self, run: _Run, info: LockInfo) -> None:
+        settings = run.settings
+        policy = settings.on_duplicate
+        if policy == "skip":
+            run.skipped = True
+            _log.info(
+                "task %s[%s] skipped: lock %s is held by task %s (%s s left)",
+                self.name,
+                run.token,
+                run.key,
+                info.holder,
+                _seconds(info.ttl_left),
+            )
+            lock_skipped.send(
+                sender=self,
+                task_id=run.token,
+                key=run.key,
+                holder=info.holder,
+                ttl_left=info.ttl_left,
+                when="run",
+            )
+            return
+        error = DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
+        if policy == "retry":
+            raise self.retry(exc=error, countdown=_jitter(info.ttl_left or settings.ttl))
+        raise error
+
+    def _redlock_unavailable(self, run: _Run, error: LockNotAcquired) -> None:
+        if run.settings.on_unavailable == "run":
+            _log.warning(
+                "task %s[%s] runs WITHOUT its lock %s (redlock_on_unavailable='run'): %s",
+                self.name,
+                run.token,
+                run.key,
+                error,
+            )
+            return
+        autoretry = tuple(getattr(self, "autoretry_for", ()) or ())
+        dont = tuple(getattr(self, "dont_autoretry_for", ()) or ())
+        if autoretry and isinstance(error, autoretry) and not (dont and isinstance(error, dont)):
+            raise self.retry(exc=error, **self._redlock_autoretry_kwargs())
+        raise error
+
+    def _redlock_autoretry_kwargs(self) -> dict[str, Any]:
+        """The retry options ``autoretry_for`` would use (celery/app/autoretry.py)."""
+        options = dict(getattr(self, "retry_kwargs", None) or {})
+        backoff = float(getattr(self, "retry_backoff", False) or 0)
+        if backoff:
+            options["countdown"] = get_exponential_backoff_interval(
+                factor=int(max(1.0, backoff)),
+                retries=self.request.retries,
+                maximum=int(getattr(self, "retry_backoff_max", 600)),
+                full_jitter=getattr(self, "retry_jitter", True),
+            )
+        return options
+
+    def _redlock_on_lost(self, run: _Run, watch: renewal.Watch) -> None:
+        """Called from the renewer thread when the run's lock is lost."""
+        run.lost = True
+        held_for = time.monotonic() - run.acquired_at
+        _log.error(
+            "task %s[%s] lost its lock %s after %.1f s: another run may start; "
+            "check the Redis nodes and redlock_ttl",
+            self.name,
+            run.token,
+            run.key,
+            held_for,
+        )
+        lock_lost.send(sender=self, task_id=run.token, key=run.key, held_for=held_for)
+
+    # -- running ----------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the body under the lock ``before_start`` took, then release it.
+
+        Called directly (not by a worker or ``apply``), runs the body unlocked.
+        """
+        request = self.request_stack.top
+        run = getattr(request, _RUN_ATTR, None) if request is not None else None
+        if not isinstance(run, _Run) or run.entered:  # a direct call, even from the body
+            return super().__call__(*args, **kwargs)
+        run.entered = True
+        if run.skipped:
+            run.done = True
+            return None
+        try:
+            result = self.run(*args, **kwargs)
+        except Retry as exc:
+            self._redlock_keep_for_retry(run, exc)
+            raise
+        except Reject:
+            self._redlock_end(run, "rejected")
+            raise
+        except Ignore:
+            self._redlock_end(run, "replaced" if run.replaced_by is not None else "ignored")
+            raise
+        except BaseException:
+            self._redlock_end(run, "failure")
+            raise
+        self._redlock_end(run, "success")
+        return result
+
+    def on_replace(self, sig: Any) -> Any:
+        """Note the replacement, so the lock is handed over or released when the body ends."""
+        run = getattr(self.request, _RUN_ATTR, None)
+        if isinstance(run, _Run):
+            run.replaced_by = sig
+        return super().on_replace(sig)
+
+    def _redlock_end(self, run: _Run, reason: str) -> None:
+        """Release the run's lock (or leave it to expire at the end of ``redlock_hold``)."""
+        if run.done:
+            return
+        run.done = True
+        if run.watch is not None:
+            run.watch.cancel()
+        lock, manager = run.lock, run.manager
+        if lock is None or manager is None:
+            return
+        if reason == "replaced" and self._redlock_same_work(run, run.replaced_by):
+            # The replacement has this task id and key: it re-enters the lock.
+            manager.extend(lock, run.settings.ttl)
+            return
+        held_for = time.monotonic() - run.acquired_at
+        hold_left = run.settings.hold - held_for
+        if hold_left >= 0.001:
+            manager.extend(lock, hold_left)
+        else:
+            hold_left = 0.0
+            manager.release(lock)
+        lock_released.send(
+            sender=self,
+            task_id=run.token,
+            key=run.key,
+            reason=reason,
+            held_for=held_for,
+            hold_left=hold_left,
+        )
+
+    def _redlock_same_work(self, run: _Run, sig: Any) -> bool:
+        """True when ``sig`` is a call of this task with the same key."""
+        if sig is None or getattr(sig, "task", None) != self.name:
+            return False
+        try:
+            return self.redlock_key_for(sig.args, sig.kwargs) == run.key
+        except Exception:
+            return False
+
+    def _redlock_keep_for_retry(self, run: _Run, retry: Retry) -> None:
+        """Keep the lock for the retried run (same task id), its TTL covering the delay."""
+        if run.done:
+            return
+        sig = getattr(retry, "sig", None)
+        if sig is not None and not self._redlock_same_work(run, sig):
+            self._redlock_end(run, "retry-new-arguments")
+            return
+        run.done = True
+        if run.watch is not None:
+            run.watch.cancel()
+        if run.lock is not None and run.manager is not None:
+            run.manager.extend(run.lock, run.settings.ttl + _seconds_until(retry.when))
+
+    def _redlock_after_run(self, state: str | None) -> None:
+        """``task_postrun``: release a lock the run did not (a safety net)."""
+        run = getattr(self.request, _RUN_ATTR, None)
+        if isinstance(run, _Run) and not run.done:
+            if state == "RETRY":
+                run.done = True
+                if run.watch is not None:
+                    run.watch.cancel()
+                return
+            self._redlock_end(run, f"postrun:{(state or 'failure').lower()}")
+
+    # -- main worker process --------------------------------------------------
+
+    def _redlock_release_by_id(self, task_id: str, args: Any, kwargs: Any, reason: str) -> bool:
+        """Release the lock held by task ``task_id`` (its token), from any process."""
+        try:
+            key = self.redlock_key_for(args, kwargs)
+            manager = get_redlock(self.redlock_settings)
+            released = manager.release(key, task_id)
+        except Exception as exc:
+            _log.warning(
+                "could not release the lock of task %s[%s] (%s): %s; it expires by its TTL",
+                self.name,
+                task_id,
+                reason,
+                exc,
+            )
+            return False
+        if released:
+            _log.info("task %s[%s] %s: released its lock %s", self.name, task_id, reason, key)
+            lock_released.send(
+                sender=self,
+                task_id=task_id,
+                key=key,
+                reason=reason,
+                held_for=None,
+                hold_left=0.0,
+            )
+        return released
+
+    # -- publishing -------------------------------------------------------------
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Send the task; with ``redlock_lock_on="publish"``, take its lock first.
+
+        The key is computed here in every case, so arguments that cannot be
+        encoded fail now, naming the argument.
+        """
+        settings = self.redlock_settings
+        key = self.redlock_key_for(args, kwargs)
+        send = functools.partial(
+            super().apply_async,
+            args=args,
+            kwargs=kwargs,
+            producer=producer,
+            link=link,
+            link_error=link_error,
+            shadow=shadow,
+        )
+        if settings.lock_on != "publish":
+            return send(task_id=task_id, **options)
+        task_id = task_id or uuid()
+        delay = _seconds_until(options.get("countdown") or options.get("eta"))
+        started = time.monotonic()
+        manager, outcome = self._redlock_take(key, task_id, settings.ttl + delay, settings)
+        if isinstance(outcome, Lock):
+            assert manager is not None
+            lock_acquired.send(
+                sender=self,
+                task_id=task_id,
+                key=key,
+                ttl=settings.ttl + delay,
+                validity=outcome.validity,
+                waited=time.monotonic() - started,
+            )
+            try:
+                return send(task_id=task_id, **options)
+            except BaseException:
+                manager.release(outcome)
+                raise
+        if isinstance(outcome, LockNotAcquired):
+            if settings.on_unavailable == "run":
+                _log.warning(
+                    "task %s[%s] sent WITHOUT its publish lock %s "
+                    "(redlock_on_unavailable='run'): %s",
+                    self.name,
+                    task_id,
+                    key,
+                    outcome,
+                )
+                return send(task_id=task_id, **options)
+            raise outcome
+        return self._redlock_publish_duplicate(key, task_id, outcome, settings, send, options)
+
+    def _redlock_publish_duplicate(
+        self,
+        key: str,
+        task_id: str,
+        info: LockInfo,
+        settings: RedlockSettings,
+        send: functools.partial[Any],
+        options: dict[str, Any],
+    ) -> Any:
+        policy = settings.on_duplicate
+        if policy == "skip" and info.holder is not None:
+            _log.info(
+                "task %s not sent: lock %s is held by task %s (%s s left)",
+                self.name,
+                key,
+                info.holder,
+                _seconds(info.ttl_left),
+            )
+            lock_skipped.send(
+                sender=self,
+                task_id=task_id,
+                key=key,
+                holder=info.holder,
+                ttl_left=info.ttl_left,
+                when="publish",
+            )
+            return self.AsyncResult(info.holder)
+        if policy == "retry":
+            options = {k: v for k, v in options.items() if k not in ("countdown", "eta")}
+            return send(
+                task_id=task_id, countdown=_jitter(info.ttl_left or settings.ttl), **options
+            )
+        raise DuplicateTask(key, info.holder, info.ttl_left, self.name)
+
+
+def _run_signature_of(cls: type) -> Any:
+    """A callable with the signature a call of the task binds to (no ``self``)."""
+    raw = inspect.getattr_static(cls, "run", None)
+    if isinstance(raw, staticmethod):
+        return raw.__func__
+    if callable(raw):
+        return functools.partial(raw, None)  # bind=True or a class-based task: drop self
+    return None

@@ -1,0 +1,1 @@
+"""Celery app modules the beat and CLI tests load with ``-A``."""

@@ -1,0 +1,511 @@
+"""Beat leader election: RedlockScheduler on real redis-server lock nodes.
+
+In-process tests drive two schedulers' ``tick()`` by hand (a 0.1 s periodic
+entry, sends recorded by a spy on ``Scheduler.apply_async``, the one place a
+scheduler publishes). The subprocess tests run two real ``celery beat``
+processes side by side, SIGKILL the leader half-way and read every sent
+message from the broker's queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from celery.beat import Scheduler
+
+from celery_redlock.beat import RedlockScheduler, RedlockSchedulerMixin
+from celery_redlock.config import forget_managers, get_redlock, resolve_settings
+from celery_redlock.exceptions import RedlockConfigError
+from tests.integration.celery_apps.helpers import server_url, wait_for
+from tests.servers import RedisServer
+
+REPO = Path(__file__).resolve().parents[2]
+INTERVAL = 0.1  # the in-process tests' periodic entry, seconds
+TASK = "beat_unit.tick"
+
+
+# -- in-process: two schedulers, one lock -------------------------------------
+
+
+class Spy:
+    """Records every send of one scheduler: (monotonic time, entry name)."""
+
+    def __init__(self, scheduler: RedlockScheduler) -> None:
+        self.sends: list[tuple[float, str]] = []
+        real = scheduler.apply_async
+
+        def apply_async(entry: Any, producer: Any = None, advance: bool = True, **kw: Any) -> Any:
+            self.sends.append((time.monotonic(), entry.name))
+            return real(entry, producer=producer, advance=advance, **kw)
+
+        scheduler.apply_async = apply_async  # type: ignore[method-assign]
+
+    def since(self, when: float) -> list[tuple[float, str]]:
+        return [s for s in self.sends if s[0] >= when]
+
+
+def make_app(servers: list[str], **conf: Any) -> Celery:
+    app = Celery(f"beat_unit_{uuid.uuid4().hex[:8]}", broker="memory://", set_as_current=False)
+    app.conf.update(
+        redlock_servers=servers,
+        redlock_beat_ttl=1.5,
+        redlock_beat_poll=0.2,
+        beat_schedule={"tick": {"task": TASK, "schedule": INTERVAL}},
+    )
+    app.conf.update(conf)
+    return app
+
+
+@pytest.fixture
+def schedulers(tmp_path: Path) -> Iterator[Callable[..., tuple[RedlockScheduler, Spy]]]:
+    """Factory: ``schedulers(app)`` -> (a RedlockScheduler with its own schedule file, its Spy)."""
+    made: list[RedlockScheduler] = []
+
+    def make(app: Celery) -> tuple[RedlockScheduler, Spy]:
+        path = tmp_path / f"schedule-{len(made)}"
+        scheduler = RedlockScheduler(app=app, schedule_filename=str(path), lazy=False)
+        made.append(scheduler)
+        return scheduler, Spy(scheduler)
+
+    try:
+        yield make
+    finally:
+        for scheduler in made:
+            scheduler.close()
+        forget_managers()
+
+
+def drive(schedulers: list[RedlockScheduler], seconds: float) -> None:
+    """Tick every scheduler, as beat's loop would, for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        waits = [s.tick() for s in schedulers]
+        time.sleep(max(0.0, min(0.02, *waits)))
+
+
+def runs(scheduler: RedlockScheduler) -> int:
+    return int(scheduler.schedule["tick"].total_run_count)
+
+
+def test_exactly_one_of_two_schedulers_leads_and_only_it_sends(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    app = make_app(redis_urls[:3])
+    (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
+    drive([a, b], 1.5)
+    assert [a.is_leader, b.is_leader].count(True) == 1
+    leader, standby = (a, b) if a.is_leader else (b, a)
+    spy_leader, spy_standby = (spy_a, spy_b) if leader is a else (spy_b, spy_a)
+    assert spy_standby.sends == []
+    # About one send per 0.1 s interval (beat and a busy machine lose a few).
+    assert 6 <= len(spy_leader.sends) <= 16, spy_leader.sends
+    gaps = [t2 - t1 for (t1, _), (t2, _) in zip(spy_leader.sends, spy_leader.sends[1:])]
+    assert min(gaps) > INTERVAL / 2, gaps
+    # The standby advanced its schedule as if it had sent: no burst when it takes over.
+    assert abs(runs(leader) - runs(standby)) <= 1
+    # The lock on the nodes holds the leader's token.
+    assert get_redlock(resolve_settings(app)).holder(leader.redlock_beat_lock_key) == (
+        leader.redlock_beat_token
+    )
+
+
+def test_leader_steps_down_when_its_key_is_deleted_and_another_beat_leads(
+    redis_urls: list[str],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_app(redis_urls[:3])
+    (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
+    drive([a], 0.5)
+    assert a.is_leader
+    assert spy_a.sends
+    manager = get_redlock(resolve_settings(app))
+    assert manager.force_release(a.redlock_beat_lock_key) == 3
+    drive([b], 0.3)  # b takes the free lock
+    assert b.is_leader
+    b_leads = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="celery_redlock.beat"):
+        drive([a, b], 1.5)
+    assert not a.is_leader
+    assert b.is_leader
+    assert any("stepping down" in r.getMessage() for r in caplog.records)
+    # a keeps sending only until its next renewal (every ttl/3 = 0.5 s), never after.
+    late = spy_a.since(b_leads + 1.5 / 3 + 0.1)
+    assert late == [], late
+    assert len(spy_b.since(b_leads)) >= 5
+    assert manager.holder(a.redlock_beat_lock_key) == b.redlock_beat_token
+
+
+def test_leader_cut_off_from_a_majority_steps_down_and_does_not_send(
+    fresh_nodes: Callable[..., list[RedisServer]],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+) -> None:
+    nodes = fresh_nodes(3)
+    app = make_app([n.url for n in nodes])
+    (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
+    drive([a, b], 0.5)
+    assert a.is_leader
+    assert not b.is_leader
+    nodes[0].pause()
+    nodes[1].pause()
+    try:
+        cut = time.monotonic()
+        drive([a, b], 1.5)  # past a renewal (0.5 s) and the whole TTL (1.5 s)
+        assert not a.is_leader
+        assert not b.is_leader
+        # a sent only until its first failed renewal, and nothing sent after.
+        assert spy_a.since(cut + 0.5 + 0.3) == []
+        assert spy_b.sends == []
+    finally:
+        nodes[0].resume()
+        nodes[1].resume()
+    drive([a, b], 1.5 + 0.5)  # the paused nodes' keys run out; someone leads again
+    assert [a.is_leader, b.is_leader].count(True) == 1
+
+
+def test_leader_paused_past_its_ttl_does_not_send_when_it_wakes(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """A frozen leader (GC pause, SIGSTOP) whose lock expired: its first tick steps down."""
+    app = make_app(redis_urls[:3])
+    (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
+    drive([a], 0.3)
+    assert a.is_leader
+    drive([b], 1.5 + 0.5)  # a does not tick for longer than its TTL; b takes over
+    assert b.is_leader
+    woke = time.monotonic()
+    drive([a, b], 0.5)  # a's entries are overdue: it must still not send
+    assert spy_a.since(woke) == []
+    assert not a.is_leader
+    assert b.is_leader
+    assert spy_b.since(woke)
+
+
+def test_validity_running_out_before_a_send_steps_down_without_sending(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    app = make_app(redis_urls[:3])
+    a, spy_a = schedulers(app)
+    drive([a], 0.3)
+    assert a.is_leader
+    lock = a._leader
+    assert lock is not None
+    lock.expires_at = time.monotonic()  # as if the renewal had been missed
+    a._next_renew = math.inf  # and no renewal comes before the next send
+    before = len(spy_a.sends)
+    assert wait_for(lambda: (a.tick(), a._leader is not lock)[1], timeout=2 * INTERVAL + 0.2)
+    assert len(spy_a.sends) == before
+    # Stepping down frees the key where it still held a's token: no wait for the TTL.
+    assert get_redlock(resolve_settings(app)).inspect(a.redlock_beat_lock_key).nodes_holding == 0
+
+
+def test_close_releases_the_lock_so_the_standby_leads_at_its_next_poll(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    app = make_app(redis_urls[:3], redlock_beat_ttl=30.0)  # only a release can hand over fast
+    (a, _), (b, spy_b) = schedulers(app), schedulers(app)
+    drive([a, b], 0.3)
+    assert a.is_leader
+    assert not b.is_leader
+    manager = get_redlock(resolve_settings(app))
+    a.close()
+    closed = time.monotonic()
+    assert manager.holder(a.redlock_beat_lock_key) is None
+    assert wait_for(lambda: (b.tick(), b.is_leader)[1], timeout=2.0, interval=0.01)
+    assert time.monotonic() - closed <= 0.2 + 0.3  # the poll, plus slack
+    drive([b], 0.3)
+    assert spy_b.sends
+
+
+def test_lazy_scheduler_takes_no_lock(redis_urls: list[str], tmp_path: Path) -> None:
+    """``celery beat`` builds a lazy scheduler for its banner: it must not lead."""
+    app = make_app(redis_urls[:3])
+    scheduler = RedlockScheduler(app=app, schedule_filename=str(tmp_path / "s"), lazy=True)
+    assert "redlock leader lock -> redlock:beat:" in scheduler.info
+    manager = get_redlock(resolve_settings(app))
+    assert manager.holder(scheduler.redlock_beat_lock_key) is None
+    forget_managers()
+
+
+def test_lock_key_defaults_to_prefix_beat_app_name_and_can_be_set(
+    redis_urls: list[str], tmp_path: Path
+) -> None:
+    app = make_app(redis_urls[:3], redlock_key_prefix="p:")
+    scheduler = RedlockScheduler(app=app, schedule_filename=str(tmp_path / "a"), lazy=True)
+    assert scheduler.redlock_beat_lock_key == f"p:beat:{app.main}"
+    assert f":{os.getpid()}:" in scheduler.redlock_beat_token
+    app2 = make_app(redis_urls[:3], redlock_beat_lock_key="my-beat")
+    scheduler2 = RedlockScheduler(app=app2, schedule_filename=str(tmp_path / "b"), lazy=True)
+    assert scheduler2.redlock_beat_lock_key == "my-beat"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("redlock_beat_ttl", 0),
+        ("redlock_beat_ttl", -1),
+        ("redlock_beat_ttl", "30"),
+        ("redlock_beat_ttl", True),
+        ("redlock_beat_ttl", math.inf),
+        ("redlock_beat_ttl", math.nan),
+        ("redlock_beat_poll", 0),
+        ("redlock_beat_poll", [1]),
+        ("redlock_beat_lock_key", ""),
+        ("redlock_beat_lock_key", 5),
+    ],
+)
+def test_a_bad_beat_setting_fails_at_construction_naming_it(
+    setting: str, value: object, tmp_path: Path
+) -> None:
+    app = make_app(["redis://127.0.0.1:1/0"], **{setting: value})
+    with pytest.raises(RedlockConfigError, match=setting) as info:
+        RedlockScheduler(app=app, schedule_filename=str(tmp_path / "s"), lazy=False)
+    assert repr(value) in str(info.value)
+    assert not list(tmp_path.iterdir())  # failed before opening its schedule file
+
+
+class QuickScheduler(RedlockScheduler):
+    redlock_beat_ttl = 4.5
+    redlock_beat_lock_key = "quick-beat"
+
+
+def test_a_scheduler_class_attribute_wins_over_the_app_setting(
+    redis_urls: list[str], tmp_path: Path
+) -> None:
+    app = make_app(redis_urls[:3], redlock_beat_ttl=1.5, redlock_beat_poll=0.3)
+    scheduler = QuickScheduler(app=app, schedule_filename=str(tmp_path / "s"), lazy=True)
+    assert scheduler.redlock_beat_ttl == 4.5
+    assert scheduler.redlock_beat_poll == 0.3  # not set on the class: the app's
+    assert scheduler.redlock_beat_lock_key == "quick-beat"
+
+
+def test_a_bad_scheduler_class_attribute_is_named_with_its_class(tmp_path: Path) -> None:
+    class Bad(RedlockScheduler):
+        redlock_beat_poll = -2
+
+    app = make_app(["redis://127.0.0.1:1/0"])
+    with pytest.raises(RedlockConfigError, match="the attribute redlock_beat_poll of Bad"):
+        Bad(app=app, schedule_filename=str(tmp_path / "s"), lazy=True)
+
+
+def test_the_mixin_wraps_another_scheduler_class(
+    redis_urls: list[str],
+) -> None:
+    """Celery's in-memory Scheduler (no schedule file) with leader election."""
+
+    class MemoryRedlockScheduler(RedlockSchedulerMixin, Scheduler):  # type: ignore[misc]
+        pass
+
+    app = make_app(redis_urls[:3])
+    a = MemoryRedlockScheduler(app=app, lazy=False)
+    b = MemoryRedlockScheduler(app=app, lazy=False)
+    spy_a, spy_b = Spy(a), Spy(b)  # type: ignore[arg-type]
+    try:
+        drive([a, b], 0.6)
+        assert a.is_leader
+        assert not b.is_leader
+        assert spy_a.sends
+        assert spy_b.sends == []
+    finally:
+        a.close()
+        b.close()
+        forget_managers()
+
+
+def test_no_lock_servers_and_no_redis_broker_names_redlock_servers(tmp_path: Path) -> None:
+    app = Celery("beat_unit_nobroker", broker="amqp://guest@127.0.0.1//", set_as_current=False)
+    with pytest.raises(RedlockConfigError, match="redlock_servers"):
+        RedlockScheduler(app=app, schedule_filename=str(tmp_path / "s"), lazy=False)
+
+
+def test_unreachable_nodes_never_crash_a_tick_and_warn_once(
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_app(["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0", "redis://127.0.0.1:3/0"])
+    a, spy_a = schedulers(app)
+    with caplog.at_level(logging.WARNING, logger="celery_redlock.beat"):
+        drive([a], 1.0)  # five polls
+    assert not a.is_leader
+    assert spy_a.sends == []
+    mine = [r for r in caplog.records if r.name == "celery_redlock.beat"]
+    assert len(mine) == 1, [r.getMessage() for r in mine]
+    assert "leader election failed" in mine[0].getMessage()
+
+
+# -- subprocesses: two real `celery beat` processes ----------------------------
+
+BEAT_TTL = 3.0
+BEAT_POLL = 0.5
+
+
+def _beat(tmp: Path, name: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = [
+        sys.executable, "-m", "celery",
+        "-A", "tests.integration.beat_apps.beat_app",
+        "beat",
+        "-S", "celery_redlock.beat:RedlockScheduler",
+        "--schedule", str(tmp / f"{name}-schedule"),
+        "--pidfile", str(tmp / f"{name}.pid"),
+        "-l", "info",
+    ]  # fmt: skip
+    log = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - the child keeps it
+    try:
+        return subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _sent(broker: Any, queue: str) -> list[tuple[float, int, str]]:
+    """Every message in the queue: (sent at, sending beat's pid, task id), oldest first."""
+    out = []
+    for raw in broker.lrange(queue, 0, -1):
+        headers = json.loads(raw)["headers"]
+        out.append((float(headers["beat_sent_at"]), int(headers["beat_pid"]), headers["id"]))
+    return sorted(out)
+
+
+@dataclass
+class BeatRun:
+    """What two beats did: every send, and when the leader was killed."""
+
+    sends: list[tuple[float, int, str]]
+    pids: dict[str, int]
+    started: float  # both beats running (time.time())
+    killed: float
+    stopped: float
+    logs: dict[str, str]
+
+
+def run_two_beats(
+    tmp: Path, lock_urls: list[str], broker_server: RedisServer, seconds: float
+) -> BeatRun:
+    """Beat a leads, b joins as standby; SIGKILL a half-way; stop b cleanly after ``seconds``."""
+    queue = f"beat-{uuid.uuid4().hex[:8]}"
+    broker_url = server_url(broker_server, 3)
+    env = dict(
+        os.environ,
+        REDLOCK_TEST_BROKER=broker_url,
+        REDLOCK_TEST_SERVERS=",".join(lock_urls),
+        REDLOCK_TEST_QUEUE=queue,
+        REDLOCK_TEST_BEAT_TTL=str(BEAT_TTL),
+        REDLOCK_TEST_BEAT_POLL=str(BEAT_POLL),
+        REDLOCK_TEST_INTERVAL="1",
+        PYTHONPATH=str(REPO),
+    )
+    lock_app = Celery("beat_test", set_as_current=False)
+    lock_app.conf.redlock_servers = lock_urls
+    manager = get_redlock(resolve_settings(lock_app))
+    key = "redlock:beat:beat_test"
+
+    def leader_pid() -> int | None:
+        holder = manager.holder(key)
+        return None if holder is None else int(holder.split(":")[1])
+
+    broker = redis.Redis.from_url(broker_url)
+    beats = {"a": _beat(tmp, "a", env)}
+    try:
+        if not wait_for(lambda: leader_pid() is not None, timeout=30):
+            pytest.fail("beat a never took the lock:\n" + (tmp / "a.log").read_text())
+        beats["b"] = _beat(tmp, "b", env)
+        # b is running (its log says so) before the clock starts.
+        assert wait_for(lambda: "beat: Starting" in (tmp / "b.log").read_text(), timeout=30)
+        started = time.time()
+        time.sleep(seconds / 2)
+        assert leader_pid() == beats["a"].pid  # b stayed a standby
+        os.kill(beats["a"].pid, signal.SIGKILL)
+        killed = time.time()
+        time.sleep(seconds / 2)
+        assert leader_pid() == beats["b"].pid
+        _stop(beats["b"])  # a clean shutdown releases the lock
+        stopped = time.time()
+        assert beats["b"].returncode == 0
+        assert manager.holder(key) is None
+        return BeatRun(
+            sends=_sent(broker, queue),
+            pids={name: proc.pid for name, proc in beats.items()},
+            started=started,
+            killed=killed,
+            stopped=stopped,
+            logs={name: (tmp / f"{name}.log").read_text() for name in beats},
+        )
+    finally:
+        for proc in beats.values():
+            _stop(proc, signal.SIGKILL)
+        broker.delete(queue)
+        broker.close()
+        forget_managers()
+
+
+def check_two_beats(run: BeatRun, seconds: float) -> None:
+    a, b = run.pids["a"], run.pids["b"]
+    sends = [s for s in run.sends if s[0] >= run.started]
+    times = [t for t, _, _ in sends]
+    by_a = [t for t, pid, _ in sends if pid == a]
+    by_b = [t for t, pid, _ in sends if pid == b]
+    assert {pid for _, pid, _ in run.sends} <= {a, b}
+    # Never twice for one tick: consecutive sends about a second apart, never close together.
+    gaps = [t2 - t1 for t1, t2 in itertools.pairwise(times)]
+    assert min(gaps) > 0.8, gaps
+    # Before the kill only a sent; after it only b, within the TTL plus a poll (and slack).
+    assert all(t < run.killed for t in by_a)
+    assert all(t > run.killed for t in by_b)
+    assert by_b, run.logs["b"]
+    failover = by_b[0] - run.killed
+    assert failover <= BEAT_TTL + BEAT_POLL + 1.0 + 0.5, failover
+    # About once per second, less the failover gap.
+    expected = seconds - failover
+    assert expected - 3 <= len(sends) <= seconds + 1, (len(sends), failover, gaps)
+    assert "stepping down" not in run.logs["b"]
+
+
+def test_two_beat_processes_send_once_per_tick_and_the_standby_takes_over(
+    redis_urls: list[str], broker_server: RedisServer, tmp_path: Path
+) -> None:
+    """20 s with a 1 s task; the leader is SIGKILLed at 10 s."""
+    seconds = 20.0
+    run = run_two_beats(tmp_path, redis_urls[:3], broker_server, seconds)
+    check_two_beats(run, seconds)
+
+
+@pytest.mark.slow
+def test_two_beat_processes_for_30_seconds(
+    redis_urls: list[str], broker_server: RedisServer, tmp_path: Path
+) -> None:
+    """The issue's run: 30 s with a 1 s task; the leader is SIGKILLed at 15 s."""
+    seconds = 30.0
+    run = run_two_beats(tmp_path, redis_urls[:3], broker_server, seconds)
+    check_two_beats(run, seconds)

@@ -1,0 +1,218 @@
+"""The redlock_* settings: defaults, where each value comes from, validation
+messages, start-up checks, and one Redlock per process (fork-safe)."""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+import fakeredis
+import pytest
+from celery import Celery
+
+from celery_redlock import config
+from celery_redlock.config import (
+    DEFAULTS,
+    RedlockSettings,
+    get_redlock,
+    resolve_settings,
+    unknown_settings,
+    validate_app,
+)
+from celery_redlock.exceptions import RedlockConfigError
+
+SERVERS = ["redis://r1:6379/0", "redis://r2:6379/0", "redis://r3:6379/0"]
+
+
+def make_app(**conf: Any) -> Celery:
+    app = Celery("cfg", set_as_current=False)
+    app.conf.update(broker_url="memory://", **conf)
+    return app
+
+
+def test_the_defaults_are_the_documented_ones() -> None:
+    assert dict(DEFAULTS) == {
+        "servers": (),
+        "ttl": 30.0,
+        "retry_count": 3,
+        "retry_delay": 0.2,
+        "drift_factor": 0.01,
+        "node_timeout": 0.1,
+        "key_prefix": "redlock:",
+        "key": None,
+        "on_duplicate": "skip",
+        "wait": None,
+        "lock_on": "run",
+        "auto_extend": True,
+        "hold": 0.0,
+        "on_unavailable": "fail",
+        "version_check": True,
+    }
+    for name in DEFAULTS:  # every setting is in the module's table
+        assert f"redlock_{name}" in (config.__doc__ or "")
+
+
+def test_settings_come_from_app_conf_and_default_otherwise() -> None:
+    settings = resolve_settings(make_app(redlock_servers=SERVERS, redlock_ttl=12))
+    assert settings.servers == tuple(SERVERS)
+    assert settings.ttl == 12.0
+    assert settings.on_duplicate == "skip"
+    assert settings.wait_for == 12.0  # wait defaults to the TTL
+
+
+def test_a_task_attribute_overrides_the_app_conf() -> None:
+    task = types.SimpleNamespace(name="t", redlock_ttl=3, redlock_on_duplicate="raise")
+    settings = resolve_settings(make_app(redlock_servers=SERVERS, redlock_ttl=12), task)
+    assert (settings.ttl, settings.on_duplicate) == (3.0, "raise")
+
+
+def test_django_celery_namespace_settings_are_read() -> None:
+    app = Celery("django", set_as_current=False)
+    source = types.SimpleNamespace(
+        CELERY_BROKER_URL="memory://",
+        CELERY_REDLOCK_SERVERS=SERVERS,
+        CELERY_REDLOCK_TTL=7,
+        CELERY_REDLOCK_ON_DUPLICATE="wait",
+    )
+    app.config_from_object(source, namespace="CELERY")
+    settings = resolve_settings(app)
+    assert (settings.servers, settings.ttl, settings.on_duplicate) == (tuple(SERVERS), 7.0, "wait")
+
+
+def test_servers_default_to_a_redis_broker() -> None:
+    app = make_app()
+    app.conf.broker_url = "redis://:pw@broker:6379/3;redis://other:6379/0"
+    assert resolve_settings(app).servers == ("redis://:pw@broker:6379/3",)
+    app.conf.redlock_servers = "redis://one:6379/0"  # one URL is a list of one
+    assert resolve_settings(app).servers == ("redis://one:6379/0",)
+
+
+def test_no_servers_and_a_broker_that_is_not_redis_names_redlock_servers() -> None:
+    app = make_app()
+    app.conf.broker_url = "amqp://guest:secret@rabbit//"
+    with pytest.raises(RedlockConfigError) as caught:
+        resolve_settings(app)
+    message = str(caught.value)
+    assert "redlock_servers" in message
+    assert "CELERY_REDLOCK_SERVERS" in message
+    assert "secret" not in message  # the broker URL is shown redacted
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("ttl", 0, "redlock_ttl must be a finite number > 0, not 0"),
+        ("ttl", 0.001, "redlock_ttl must be at least 0.01 s"),
+        ("ttl", "30", "redlock_ttl must be a number of seconds, not '30'"),
+        ("ttl", True, "redlock_ttl must be a number"),
+        ("node_timeout", -1, "redlock_node_timeout must be a finite number > 0"),
+        ("retry_count", -1, "redlock_retry_count must be an int >= 0"),
+        ("retry_count", 1.5, "redlock_retry_count must be an int >= 0"),
+        ("retry_delay", float("inf"), "redlock_retry_delay must be a finite number >= 0"),
+        ("drift_factor", 0.5, "redlock_drift_factor must be in [0, 0.5)"),
+        ("key_prefix", b"x", "redlock_key_prefix must be a str"),
+        ("key", "account_id", "redlock_key is the str 'account_id'"),
+        ("on_duplicate", "ignore", "redlock_on_duplicate must be one of 'skip', 'raise'"),
+        ("lock_on", "send", "redlock_lock_on must be one of 'run', 'publish'"),
+        ("on_unavailable", "skip", "redlock_on_unavailable must be one of 'fail', 'run'"),
+        ("auto_extend", "yes", "redlock_auto_extend must be True or False"),
+        ("version_check", 1, "redlock_version_check must be True or False"),
+        ("hold", -5, "redlock_hold must be a finite number >= 0"),
+        ("wait", "forever", "redlock_wait must be a number"),
+        ("servers", ["ftp://x"], "redlock_servers"),
+        ("servers", [], "redlock_servers"),
+    ],
+)
+def test_a_bad_setting_is_an_error_naming_it_and_what_it_must_be(
+    name: str, value: Any, message: str
+) -> None:
+    conf: dict[str, Any] = {"redlock_servers": SERVERS, f"redlock_{name}": value}
+    with pytest.raises(RedlockConfigError) as caught:
+        resolve_settings(make_app(**conf))
+    assert message in str(caught.value)
+    assert f"the setting redlock_{name}" in str(caught.value)
+
+
+def test_a_bad_task_attribute_names_the_task() -> None:
+    task = types.SimpleNamespace(name="app.charge", redlock_hold=-1)
+    with pytest.raises(RedlockConfigError, match=r"attribute redlock_hold of task app\.charge"):
+        resolve_settings(make_app(redlock_servers=SERVERS), task)
+
+
+def test_unknown_settings_suggest_the_closest_name_and_skip_other_parts() -> None:
+    errors = unknown_settings(["redlock_tll", "redlock_ttl", "broker_url", "redlock_beat_ttl"])
+    assert len(errors) == 1
+    assert "redlock_tll is not a celery_redlock setting; did you mean redlock_ttl?" in errors[0]
+    assert unknown_settings(["CELERY_REDLOCK_ON_DUPLICATES"], "CELERY")[0].startswith(
+        "CELERY_REDLOCK_ON_DUPLICATES is not a celery_redlock setting; did you mean "
+        "redlock_on_duplicate?"
+    )
+
+
+def test_a_publisher_without_servers_computes_keys_and_fails_only_to_lock() -> None:
+    app = make_app()
+    app.conf.broker_url = "amqp://rabbit//"
+    settings = resolve_settings(app, require_servers=False)
+    assert settings.servers == ()
+    with pytest.raises(RedlockConfigError, match="redlock_servers is not set"):
+        get_redlock(settings)
+    with pytest.raises(RedlockConfigError, match="redlock_servers is not set"):
+        validate_app(app, [types.SimpleNamespace(name="t", run=lambda: None)])
+
+
+def test_validate_app_checks_the_conf_and_each_task() -> None:
+    validate_app(make_app(redlock_servers=SERVERS))
+    with pytest.raises(RedlockConfigError, match="redlock_tll"):
+        validate_app(make_app(redlock_servers=SERVERS, redlock_tll=3))
+    task = types.SimpleNamespace(name="t", redlock_ttl=-1, run=lambda: None)
+    with pytest.raises(RedlockConfigError, match="redlock_ttl of task t"):
+        validate_app(make_app(redlock_servers=SERVERS), [task])
+
+
+def test_validate_app_leaves_an_app_without_redlock_alone() -> None:
+    app = make_app()
+    app.conf.broker_url = "amqp://rabbit//"  # no Redis anywhere: fine when nothing uses it
+    validate_app(app)
+
+
+# ---------------------------------------------------------------------------
+# One Redlock per process
+
+
+@pytest.fixture
+def fake_settings() -> RedlockSettings:
+    servers = tuple(fakeredis.FakeRedis(server=fakeredis.FakeServer()) for _ in range(3))
+    return RedlockSettings(servers=servers, version_check=False)
+
+
+def test_one_manager_per_settings_per_process(fake_settings: RedlockSettings) -> None:
+    first = get_redlock(fake_settings)
+    assert get_redlock(fake_settings) is first
+    other = RedlockSettings(servers=fake_settings.servers, version_check=False, retry_count=1)
+    assert get_redlock(other) is not first
+    config.forget_managers()
+    assert get_redlock(fake_settings) is not first
+    config.forget_managers()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_makes_its_own_manager(fake_settings: RedlockSettings) -> None:
+    parent = get_redlock(fake_settings)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            child = get_redlock(fake_settings)
+            ok = child is not parent and get_redlock(fake_settings) is child
+            lock = child.acquire("fork-test", 5)
+            ok = ok and child.release(lock)
+            os.write(write, b"ok" if ok else b"no")
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 2) == b"ok"
+    os.close(read)
+    assert get_redlock(fake_settings) is parent
+    config.forget_managers()

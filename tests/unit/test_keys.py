@@ -1,0 +1,183 @@
+"""Task lock keys: arguments bound to the signature, canonical JSON, a digest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kombu.utils.json import dumps, loads
+
+from celery_redlock.exceptions import RedlockConfigError
+from celery_redlock.keys import bind_arguments, build_key, canonical, check_key_spec, digest
+
+
+def sync_account(account_id: Any, full: bool = False) -> None: ...
+
+
+def with_var(a: Any, *rest: Any, b: int = 1, **extra: Any) -> None: ...
+
+
+class Bound:
+    def run(self, account_id: Any, full: bool = False) -> None: ...
+
+
+def key(func: Any = sync_account, *args: Any, spec: Any = None, **kwargs: Any) -> str:
+    return build_key("redlock:", "app.sync", func, args, kwargs, spec)
+
+
+def test_positional_default_and_keyword_calls_give_one_key() -> None:
+    assert key(sync_account, 1) == key(sync_account, 1, False) == key(sync_account, account_id=1)
+    assert key(sync_account, 1) != key(sync_account, 1, True)
+    assert key(sync_account, 1) != key(sync_account, 2)
+
+
+def test_a_bound_method_binds_without_self() -> None:
+    method = Bound().run
+    assert key(method, 1) == key(method, account_id=1, full=False) == key(sync_account, 1)
+
+
+def test_the_key_is_prefix_task_name_and_a_sha256_digest_never_a_raw_value() -> None:
+    made = key(sync_account, "secret-account-name")
+    prefix, _, hexdigest = made.rpartition(":")
+    assert prefix == "redlock:app.sync"
+    assert len(hexdigest) == 64
+    assert int(hexdigest, 16) >= 0
+    assert "secret" not in made
+
+
+def test_values_of_different_json_types_give_different_keys() -> None:
+    keys = {key(sync_account, v) for v in (1, 1.0, "1", True, None, [1], {"1": 1})}
+    assert len(keys) == 7
+
+
+def test_tuples_lists_and_dict_key_order_and_int_keys_canonicalise_as_json_sends_them() -> None:
+    assert canonical((1, 2)) == canonical([1, 2])
+    assert canonical({"b": 1, "a": {"y": 2, "x": 3}}) == canonical({"a": {"x": 3, "y": 2}, "b": 1})
+    assert canonical({1: "a", None: 2, 2.5: 3}) == canonical({"1": "a", "null": 2, "2.5": 3})
+    assert canonical({False: 0}) == canonical({"false": 0})
+    assert canonical({"a": 1}) == b'{"a":1}'
+
+
+KOMBU_VALUES = [
+    uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    dt.datetime(2026, 1, 2, 3, 4, 5, 678, tzinfo=dt.timezone.utc),
+    dt.datetime(2026, 1, 2, 3, 4, 5),
+    dt.date(2026, 1, 2),
+    dt.time(3, 4, 5),
+    decimal.Decimal("1.10"),
+    b"text bytes",
+    b"\xff\x00binary",
+    {"nested": [uuid.UUID(int=7), {"z": decimal.Decimal("2"), "a": (1, 2)}]},
+]
+
+
+@pytest.mark.parametrize("value", KOMBU_VALUES, ids=lambda v: type(v).__name__)
+def test_kombu_types_give_the_same_key_before_and_after_a_json_round_trip(value: Any) -> None:
+    args, kwargs = (value,), {"full": value}
+    sent_args, sent_kwargs = loads(dumps([args, kwargs]))  # what the worker receives
+    assert key(sync_account, *args, **kwargs) == key(sync_account, *sent_args, **sent_kwargs)
+
+
+json_leaves = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(),
+    st.uuids(),
+    st.datetimes(timezones=st.none() | st.just(dt.timezone.utc)),
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.binary(),
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.lists(inner, max_size=4).map(tuple)
+        | st.dictionaries(st.text(max_size=5), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(json_values, min_size=1, max_size=1), st.dictionaries(st.just("full"), json_values))
+def test_any_kombu_json_arguments_keep_their_key_through_the_broker(
+    args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    sent_args, sent_kwargs = loads(dumps([args, kwargs]))
+    assert key(sync_account, *args, **kwargs) == key(sync_account, *sent_args, **sent_kwargs)
+
+
+def test_an_argument_json_cannot_encode_is_an_error_naming_task_and_argument() -> None:
+    with pytest.raises(RedlockConfigError) as caught:
+        key(sync_account, 1, {3, 4})
+    message = str(caught.value)
+    assert "app.sync" in message
+    assert "'full'" in message
+    assert "set" in message
+    assert "redlock_key" in message  # says how to fix it
+
+
+def test_arguments_that_do_not_fit_the_signature_are_a_type_error_naming_the_task() -> None:
+    with pytest.raises(TypeError, match=r"app\.sync"):
+        key(sync_account, 1, 2, 3)
+    with pytest.raises(TypeError, match=r"app\.sync"):
+        bind_arguments(sync_account, (), {"nope": 1}, "app.sync")
+
+
+def test_a_list_of_names_keys_on_those_arguments_only() -> None:
+    spec = ("account_id",)
+    assert key(sync_account, 1, True, spec=spec) == key(sync_account, 1, False, spec=spec)
+    assert key(sync_account, 1, spec=spec) != key(sync_account, 2, spec=spec)
+    assert key(sync_account, 1, spec=spec) != key(sync_account, 1)
+
+
+def test_names_can_come_from_var_keyword_arguments() -> None:
+    spec = ("a", "tenant")
+    assert key(with_var, 1, 2, tenant="x", spec=spec) == key(with_var, 1, 3, tenant="x", spec=spec)
+    assert key(with_var, 1, tenant="x", spec=spec) != key(with_var, 1, tenant="y", spec=spec)
+
+
+def test_a_callable_key_is_hashed_and_must_return_a_str() -> None:
+    def by_account(account_id: Any, full: bool) -> str:
+        return f"acct-{account_id}"
+
+    made = key(sync_account, 7, spec=by_account)
+    assert made == "redlock:app.sync:" + digest(b"acct-7")
+    assert made == key(sync_account, 7, True, spec=by_account)
+    with pytest.raises(RedlockConfigError, match="must return a str"):
+        key(sync_account, 7, spec=lambda account_id, full: 7)
+
+
+def test_an_empty_string_keys_on_the_task_name_alone() -> None:
+    assert key(sync_account, 1, spec="") == "redlock:app.sync"
+    assert key(sync_account, 2, spec="") == "redlock:app.sync"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("account_id", "give a list of argument names such as ('account_id',)"),
+        (["account_id", 3], "must be None"),
+        ([], "empty list"),
+        (("accont_id",), "'accont_id', which is not a parameter"),
+        (42, "must be None"),
+    ],
+)
+def test_a_bad_key_spec_is_an_error_naming_where_and_the_fix(spec: Any, message: str) -> None:
+    with pytest.raises(RedlockConfigError) as caught:
+        check_key_spec(spec, sync_account, "the attribute redlock_key of task app.sync")
+    assert message in str(caught.value)
+    assert "redlock_key of task app.sync" in str(caught.value)
+
+
+def test_valid_key_specs_pass() -> None:
+    for spec in (None, "", ("account_id", "full"), ["full"], lambda **kw: "x"):
+        check_key_spec(spec, sync_account, "x")
+    check_key_spec(("anything",), with_var, "x")  # **extra accepts any name

@@ -1,0 +1,330 @@
+"""RedlockTask without a worker: eager runs (which lock as a worker's do),
+registration checks, publish-time behaviour, over fakeredis nodes."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import celery.app.task
+import fakeredis
+import pytest
+from celery import Celery
+
+from celery_redlock.config import forget_managers, get_redlock
+from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
+from celery_redlock.redlock import Redlock
+from celery_redlock.signals import lock_acquired, lock_released, lock_skipped
+from celery_redlock.task import RedlockTask
+
+OTHER = "another-task-id"
+
+
+@pytest.fixture
+def servers() -> list[fakeredis.FakeRedis]:
+    return [fakeredis.FakeRedis(server=fakeredis.FakeServer()) for _ in range(3)]
+
+
+@pytest.fixture
+def app(servers: list[fakeredis.FakeRedis]) -> Iterator[Celery]:
+    app = Celery("unit", set_as_current=False)
+    app.conf.update(
+        broker_url="memory://",
+        task_always_eager=True,
+        redlock_servers=servers,
+        redlock_version_check=False,
+        redlock_retry_delay=0.01,
+    )
+    yield app
+    forget_managers()
+
+
+def manager(task: Any) -> Redlock:
+    return get_redlock(task.redlock_settings)
+
+
+def take(task: Any, *args: Any, token: str = OTHER) -> str:
+    """Hold ``task``'s lock for ``args`` as another run would; the key."""
+    key = task.redlock_key_for(args, {})
+    manager(task).acquire(key, 30, token)
+    return str(key)
+
+
+@pytest.fixture
+def seen() -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    found: list[tuple[str, dict[str, Any]]] = []
+
+    def record(signal: Any, sender: Any = None, **kwargs: Any) -> None:
+        found.append((signal.name, kwargs))
+
+    for signal in (lock_acquired, lock_released, lock_skipped):
+        signal.connect(record, weak=False, dispatch_uid=f"unit-{signal.name}")
+    yield found
+    for signal in (lock_acquired, lock_released, lock_skipped):
+        signal.disconnect(record, dispatch_uid=f"unit-{signal.name}")
+
+
+# ---------------------------------------------------------------------------
+# Eager runs lock the same way
+
+
+def test_an_eager_run_holds_the_lock_in_its_body_and_releases_it(
+    app: Celery, seen: list[tuple[str, dict[str, Any]]]
+) -> None:
+    holders: list[str | None] = []
+
+    @app.task(base=RedlockTask, bind=True, shared=False)
+    def work(self: Any, n: int) -> str:
+        holders.append(manager(self).holder(self.redlock_key_for((n,), {})))
+        return str(self.request.id)
+
+    result = work.delay(1)
+    assert holders == [result.id]
+    assert manager(work).holder(work.redlock_key_for((1,), {})) is None
+    assert [name for name, _ in seen] == ["lock_acquired", "lock_released"]
+    assert seen[1][1]["reason"] == "success"
+
+
+def test_an_eager_duplicate_is_skipped_and_apply_locks_too(app: Celery) -> None:
+    ran: list[int] = []
+
+    @app.task(base=RedlockTask, shared=False)
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    take(work, 1)
+    assert work.delay(1).get() is None
+    assert work.apply((1,)).get() is None
+    assert work.delay(2).get() == 2
+    assert ran == [2]
+
+
+def test_calling_the_task_directly_takes_no_lock(app: Celery) -> None:
+    @app.task(base=RedlockTask, bind=True, shared=False)
+    def work(self: Any, n: int) -> int:
+        return n * 10
+
+    take(work, 1)
+    assert work(1) == 10  # runs although another run holds the lock: documented
+
+
+def test_raise_policy_eagerly_raises_duplicate_task_naming_the_holder(app: Celery) -> None:
+    @app.task(base=RedlockTask, shared=False, redlock_on_duplicate="raise")
+    def work(n: int) -> int:
+        return n
+
+    key = take(work, 1)
+    with pytest.raises(DuplicateTask) as caught:
+        work.apply((1,), throw=True)
+    assert caught.value.holder == OTHER
+    assert caught.value.resource == key
+    assert caught.value.ttl_left is not None
+    assert 0 < caught.value.ttl_left <= 30
+    assert caught.value.task_name == work.name
+    assert OTHER in str(caught.value)
+    assert work.name in str(caught.value)
+
+
+def test_retry_policy_retries_up_to_max_retries_then_fails_with_duplicate_task(
+    app: Celery,
+) -> None:
+    @app.task(base=RedlockTask, shared=False, redlock_on_duplicate="retry", max_retries=2)
+    def work(n: int) -> int:
+        return n
+
+    take(work, 1)
+    result = work.apply((1,))
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, DuplicateTask)
+
+
+def test_an_eager_retry_re_enters_its_own_lock(app: Celery) -> None:
+    @app.task(base=RedlockTask, bind=True, shared=False)
+    def work(self: Any, n: int) -> int:
+        if self.request.retries < 2:
+            raise self.retry(countdown=0)
+        return int(self.request.retries)
+
+    assert work.delay(1).get() == 2
+    assert manager(work).holder(work.redlock_key_for((1,), {})) is None
+
+
+def test_hold_leaves_the_key_to_expire_after_a_quick_run(app: Celery) -> None:
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_hold=20)
+    def work(self: Any, n: int) -> str:
+        return str(self.request.id)
+
+    result = work.delay(1)
+    info = manager(work).inspect(work.redlock_key_for((1,), {}))
+    assert info.holder == result.get()
+    assert info.ttl_left is not None
+    assert 19 < info.ttl_left <= 20
+    assert work.delay(1).get() is None  # within the hold: a duplicate
+
+
+def test_redlock_lost_is_false_outside_a_run(app: Celery) -> None:
+    @app.task(base=RedlockTask, shared=False)
+    def work() -> None: ...
+
+    assert work.redlock_lost is False
+
+
+def test_unreachable_nodes_fail_the_run_or_run_it_unlocked(app: Celery) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    common = {"redlock_servers": [dead], "redlock_node_timeout": 0.05, "redlock_retry_count": 1}
+
+    @app.task(base=RedlockTask, shared=False, **common)
+    def strict(n: int) -> int:
+        return n
+
+    @app.task(base=RedlockTask, shared=False, redlock_on_unavailable="run", **common)
+    def lenient(n: int) -> int:
+        return n
+
+    with pytest.raises(LockNotAcquired) as caught:
+        strict.apply((1,), throw=True)
+    assert "127.0.0.1" in str(caught.value)  # lists the nodes
+    assert lenient.delay(1).get() == 1
+
+
+# ---------------------------------------------------------------------------
+# Publishing
+
+
+def test_apply_async_fails_at_once_for_an_argument_the_key_cannot_encode(app: Celery) -> None:
+    @app.task(base=RedlockTask, shared=False, name="unit.tags")
+    def tags(account: int, labels: Any) -> None: ...
+
+    app.conf.task_always_eager = False
+    with pytest.raises(RedlockConfigError, match=r"task unit.tags: argument 'labels' \(set\)"):
+        tags.delay(1, {"a", "b"})
+
+
+def test_publish_lock_hands_a_duplicate_publisher_the_holders_result(app: Celery) -> None:
+    app.conf.task_always_eager = False
+    sent: list[str] = []
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    def fake_send(*args: Any, **kwargs: Any) -> Any:
+        sent.append(kwargs["task_id"])
+        return work.AsyncResult(kwargs["task_id"])
+
+    mp = pytest.MonkeyPatch()  # Celery's apply_async, below ours, "sends"
+    mp.setattr(celery.app.task.Task, "apply_async", lambda self, *a, **k: fake_send(*a, **k))
+    try:
+        first = work.delay(1)
+        second = work.delay(1)
+        again = work.apply_async((1,), task_id=first.id)  # a retry: same id, not a duplicate
+    finally:
+        mp.undo()
+    assert second.id == first.id
+    assert again.id == first.id
+    assert sent == [first.id, first.id]
+    assert manager(work).holder(work.redlock_key_for((1,), {})) == first.id
+
+
+def test_a_publish_lock_is_released_when_sending_fails(app: Celery) -> None:
+    app.conf.task_always_eager = False
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    def broken(self: Any, *a: Any, **k: Any) -> Any:
+        raise ConnectionError("broker down")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(celery.app.task.Task, "apply_async", broken)
+    try:
+        with pytest.raises(ConnectionError):
+            work.delay(1)
+    finally:
+        mp.undo()
+    assert manager(work).holder(work.redlock_key_for((1,), {})) is None
+
+
+# ---------------------------------------------------------------------------
+# Registration checks
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"redlock_ttl": -1}, "attribute redlock_ttl of task unit.bad must be a finite number > 0"),
+        (
+            {"redlock_tll": 5},
+            "task unit.bad: redlock_tll is not a celery_redlock setting; did you ",
+        ),
+        ({"redlock_key": ("acount",)}, "'acount', which is not a parameter of the task"),
+        ({"redlock_lock_on": "queue"}, "redlock_lock_on of task unit.bad must be one of"),
+    ],
+)
+def test_a_bad_task_attribute_fails_when_the_task_is_registered(
+    app: Celery, options: dict[str, Any], message: str
+) -> None:
+    app.finalize()
+    with pytest.raises(RedlockConfigError) as caught:
+
+        @app.task(base=RedlockTask, bind=True, shared=False, name="unit.bad", **options)
+        def bad(self: Any, account: int) -> None: ...
+
+    assert message in str(caught.value)
+
+
+def test_key_names_of_a_bound_task_are_checked_against_its_arguments_without_self(
+    app: Celery,
+) -> None:
+    app.finalize()
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_key=("account",))
+    def good(self: Any, account: int, amount: int) -> None: ...
+
+    assert good.redlock_key_for((1, 5), {}) == good.redlock_key_for((1, 6), {})
+    with pytest.raises(RedlockConfigError, match="'self', which is not a parameter"):
+
+        @app.task(base=RedlockTask, bind=True, shared=False, redlock_key=("self",))
+        def bad(self: Any, account: int) -> None: ...
+
+
+def test_settings_resolve_task_attribute_then_conf_then_default(app: Celery) -> None:
+    app.conf.redlock_ttl = 9
+
+    @app.task(base=RedlockTask, shared=False, redlock_on_duplicate="wait")
+    def work(n: int) -> None: ...
+
+    settings = work.redlock_settings
+    assert (settings.ttl, settings.on_duplicate, settings.hold) == (9.0, "wait", 0.0)
+
+
+# ---------------------------------------------------------------------------
+# celery_redlock.testing
+
+
+def test_fake_redlock_runs_tasks_over_in_memory_nodes_and_restores_the_conf() -> None:
+    from celery_redlock.testing import fake_redlock, lock_holder
+
+    app = Celery("users", set_as_current=False)
+    app.conf.update(broker_url="memory://", task_always_eager=True)
+    holders: list[str | None] = []
+
+    @app.task(base=RedlockTask, bind=True, shared=False)
+    def sync_account(self: Any, account_id: int) -> str:
+        holders.append(lock_holder(sync_account, account_id))
+        return str(self.request.id)
+
+    with fake_redlock(app) as servers:
+        assert len(servers) == 3
+        result = sync_account.delay(42)
+        assert holders == [result.id]
+        assert lock_holder(sync_account, 42) is None
+        key = sync_account.redlock_key_for((42,), {})
+        for server in servers[:2]:  # another run holds it on a quorum
+            server.set(key, "someone-else", px=10_000)
+        assert lock_holder(sync_account, account_id=42) == "someone-else"
+        assert sync_account.delay(42).get() is None
+    assert app.conf.get("redlock_servers") is None
