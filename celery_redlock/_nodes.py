@@ -20,6 +20,8 @@ import os
 import re
 import select
 import socket
+import struct
+import sys
 import threading
 import time
 import weakref
@@ -249,6 +251,13 @@ class _Incomplete(Exception):
     """The buffer ends before the reply does."""
 
 
+#: What a timed-out send or receive raises: Python's timeout, or the kernel's
+#: (EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket).
+_TIMEOUTS = (TimeoutError, BlockingIOError)
+#: Kernel socket timeouts take a struct timeval of two C longs on Linux.
+_KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+
+
 class _Stale(Exception):
     """An idle connection turned out closed by the server (it restarted): reconnect, resend."""
 
@@ -370,6 +379,14 @@ class _Wire:
         self.conn, self.sock, self.buf, self.used = conn, conn._sock, b"", False
         # A socket-like object from a test double (fakeredis) goes through redis-py.
         self.raw = isinstance(self.sock, socket.socket)
+        if self.raw and _KERNEL_TIMEOUTS and type(self.sock) is socket.socket:
+            # The kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
+            # timeout would poll() before every send and receive.
+            seconds = int(self.timeout)
+            packed = struct.pack("ll", seconds, int((self.timeout - seconds) * 1_000_000))
+            self.sock.settimeout(None)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, packed)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, packed)
 
     def send(self, data: bytes) -> None:
         if self.sock is None:
@@ -380,14 +397,14 @@ class _Wire:
                 return
             self.sock.sendall(data)
         except OSError as exc:
-            if self.used and not isinstance(exc, TimeoutError):
+            if self.used and not isinstance(exc, _TIMEOUTS):
                 self.close()  # closed by the server while idle (it restarted): once more
                 self.send(data)
                 return
             raise self._send_error(exc) from None
 
     def _send_error(self, exc: OSError) -> Exception:
-        if isinstance(exc, TimeoutError):
+        if isinstance(exc, _TIMEOUTS):
             return self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}"))
         return self.fail(redis.ConnectionError(f"error writing to {self.node.name}: {exc}"))
 
@@ -411,7 +428,7 @@ class _Wire:
                     return value
             try:
                 chunk = self.sock.recv(65536)
-            except TimeoutError:
+            except _TIMEOUTS:
                 raise self.fail(
                     redis.TimeoutError(f"no reply from {self.node.name} within {self.timeout}s")
                 ) from None

@@ -40,6 +40,7 @@ import difflib
 import math
 import os
 import threading
+import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -287,6 +288,10 @@ def resolve_settings(
     for name, default in DEFAULTS.items():
         full = setting_name(name)
         value = getattr(task, full, None) if task is not None else None
+        if isinstance(value, types.MethodType) and value.__self__ is task:
+            # A function given as a task option (redlock_key=f) is a class attribute,
+            # so the instance binds it; the setting is the function itself.
+            value = value.__func__
         if value is not None:
             where = task_where(name, task_name)
         else:
@@ -327,8 +332,7 @@ def unknown_settings(names: Iterable[object], namespace: str | None = None) -> l
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             errors.append(
-                f"{raw} is not a celery_redlock setting{hint} "
-                f"(the settings are {', '.join(known)})"
+                f"{raw} is not a celery_redlock setting{hint} (the settings are {', '.join(known)})"
             )
     return errors
 

@@ -400,7 +400,14 @@ class Redlock:
     # -- acquiring -------------------------------------------------------------
 
     def _attempt(
-        self, resource: str, key: bytes, token: str, ttl: float, ttl_ms: int, fencing: bool
+        self,
+        resource: str,
+        key: bytes,
+        token: str,
+        ttl: float,
+        ttl_ms: int,
+        fencing: bool,
+        fresh: bool = False,
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
         start = time.monotonic()
@@ -409,6 +416,11 @@ class Redlock:
             replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), (token, ttl_ms))
             read = [r for r in replies if isinstance(r, list) and len(r) == 3]
             granted = [i for i, r in enumerate(replies) if isinstance(r, list) and r[:1] == [1]]
+        elif fresh:
+            # A token made here is held by no one else: no re-entry to handle, so the
+            # plain command does (less work on each node than a script).
+            replies = fanout.call(pack(b"SET", key, token, b"NX", b"PX", ttl_ms))
+            granted = [i for i, r in enumerate(replies) if r == b"OK"]
         else:
             replies = fanout.script(_scripts.ACQUIRE, (key,), (token, ttl_ms))
             granted = [i for i, r in enumerate(replies) if r == 1 and type(r) is int]
@@ -513,7 +525,9 @@ class Redlock:
                 tried += 1
                 if wakeup is not None:
                     wakeup.clear()
-                lock, votes, too_slow = self._attempt(resource, key, token, ttl, ttl_ms, fencing)
+                lock, votes, too_slow = self._attempt(
+                    resource, key, token, ttl, ttl_ms, fencing, value is None
+                )
                 if lock is not None:
                     return lock
                 self._log_attempt(resource, tried, votes)

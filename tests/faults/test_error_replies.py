@@ -37,15 +37,17 @@ def manager(urls: list[str], **kwargs: object) -> Redlock:
 
 
 def fill_to_oom(server: RedisServer) -> None:
-    """maxmemory 1 MB, noeviction, and data until writes are refused."""
+    """About 2 MB of data, then maxmemory 1 MB with noeviction: used memory stays
+    above the limit, so every write is refused (not only a large one)."""
     with server.client() as client:
+        for n in range(200):
+            client.set(f"filler:{n}", "x" * 10_000)
         client.config_set("maxmemory-policy", "noeviction")
         client.config_set("maxmemory", "1mb")
-        for n in range(10_000):
-            try:
-                client.set(f"filler:{n}", "x" * 10_000)
-            except redis.exceptions.OutOfMemoryError:
-                return
+        try:
+            client.set("filler:probe", "x")
+        except redis.exceptions.OutOfMemoryError:
+            return
     raise AssertionError("the node never ran out of memory")
 
 

@@ -120,8 +120,10 @@ def slow_network(
     only: _scripts.Script | None = None,
 ) -> list[_scripts.Script]:
     """Every script call of ``rl`` (or only ``only``) takes ``seconds`` on the fake
-    clock; returns the list of scripts sent, in order."""
+    clock; returns the list of scripts sent, in order. The plain ``SET NX PX``
+    acquire (a token made by the manager) is listed as ``_scripts.ACQUIRE``."""
     real = rl._fanout.script
+    real_call = rl._fanout.call
     sent: list[_scripts.Script] = []
 
     def script(script: _scripts.Script, keys: Any, args: Any, targets: Any = None) -> list[Any]:
@@ -130,7 +132,15 @@ def slow_network(
             clock.now += seconds
         return real(script, keys, args, targets)
 
+    def call(packed: bytes, fallback: Any = None, targets: Any = None) -> list[Any]:
+        if packed.startswith(b"*6\r\n$3\r\nSET\r\n"):
+            sent.append(_scripts.ACQUIRE)
+            if only is None or only is _scripts.ACQUIRE:
+                clock.now += seconds
+        return real_call(packed, fallback, targets)
+
     monkeypatch.setattr(rl._fanout, "script", script)
+    monkeypatch.setattr(rl._fanout, "call", call)
     return sent
 
 

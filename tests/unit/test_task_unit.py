@@ -328,3 +328,22 @@ def test_fake_redlock_runs_tasks_over_in_memory_nodes_and_restores_the_conf() ->
         assert lock_holder(sync_account, account_id=42) == "someone-else"
         assert sync_account.delay(42).get() is None
     assert app.conf.get("redlock_servers") is None
+
+
+def test_a_function_given_as_the_redlock_key_option_is_called_with_the_arguments_only(
+    app: Celery,
+) -> None:
+    """``@app.task(redlock_key=f)`` stores f on the task class; the instance must not
+    bind it (f would get the task as an extra first argument)."""
+
+    def by_email(email: str, amount: int = 0) -> str:
+        return email.strip().lower()
+
+    @app.task(base=RedlockTask, redlock_key=by_email, shared=False)
+    def notify(email: str, amount: int = 0) -> str:
+        return email
+
+    same = notify.redlock_key_for((" ADA@example.org",), {})
+    assert same == notify.redlock_key_for(("ada@example.org", 5), {})
+    assert same != notify.redlock_key_for(("bob@example.org",), {})
+    assert notify.apply(("ada@example.org",)).get() == "ada@example.org"
