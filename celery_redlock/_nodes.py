@@ -36,13 +36,14 @@ from redis.connection import parse_url as _parse_url
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
 
+from . import _scripts
 from ._scripts import Script
 from .exceptions import NodeVote, RedlockConfigError, Vote
 
 #: A redis-py connection; redis-py leaves most of its methods untyped.
 Conn = Any
 
-__all__ = ["Fanout", "Node", "ServerSpec", "pack", "pack_args", "parse_servers", "redact"]
+__all__ = ["UNREAD", "Fanout", "Node", "ServerSpec", "pack", "pack_args", "parse_servers", "redact"]
 
 #: What a server may be given as: a URL, "host:port", or a ready client.
 ServerSpec = Union[str, "redis.Redis"]
@@ -247,6 +248,17 @@ def parse_servers(servers: object) -> list[Node]:
 Reply = Any
 
 
+class _Unread:
+    """The reply of a node that was not read because a quorum had answered first."""
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+#: Stands for a reply :meth:`Fanout.call` left to be read by the next call.
+UNREAD: Any = _Unread()
+
+
 class _Incomplete(Exception):
     """The buffer ends before the reply does."""
 
@@ -256,6 +268,11 @@ class _Incomplete(Exception):
 _TIMEOUTS = (TimeoutError, BlockingIOError)
 #: Kernel socket timeouts take a struct timeval of two C longs on Linux.
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
+
+
+#: The scripts every new connection loads (SCRIPT LOAD is idempotent on a node).
+_PRELOADED = (_scripts.ACQUIRE, _scripts.RELEASE, _scripts.EXTEND)
+_PRELOAD = b"".join(pack(b"SCRIPT", b"LOAD", script.source) for script in _PRELOADED)
 
 
 class _Stale(Exception):
@@ -342,7 +359,7 @@ class _Wire:
     fraction of a generic client's per-command work.
     """
 
-    __slots__ = ("buf", "conn", "health", "node", "raw", "sock", "timeout", "used")
+    __slots__ = ("buf", "conn", "health", "node", "owed", "raw", "sock", "timeout", "used")
 
     def __init__(self, node: Node, timeout: float, health: _Health | None = None) -> None:
         self.node = node
@@ -353,6 +370,9 @@ class _Wire:
         self.raw = True
         self.used = False
         self.buf = b""
+        #: replies still to read for commands of earlier calls (see Fanout.call),
+        #: each with the EVAL to send if it turns out to be NOSCRIPT
+        self.owed: list[Callable[[], bytes] | None] = []
 
     def fail(self, error: Exception) -> Exception:
         """Close after ``error`` and skip the node for a cool-down; returns ``error``."""
@@ -379,6 +399,16 @@ class _Wire:
         self.conn, self.sock, self.buf, self.used = conn, conn._sock, b"", False
         # A socket-like object from a test double (fakeredis) goes through redis-py.
         self.raw = isinstance(self.sock, socket.socket)
+        if self.raw:
+            # Load the scripts now, so a first EVALSHA does not answer NOSCRIPT
+            # (an error reply, e.g. from an ACL without SCRIPT, is let be).
+            try:
+                self.sock.sendall(_PRELOAD)
+            except OSError as exc:
+                raise self._send_error(exc) from None
+            for _ in _PRELOADED:
+                self.read()
+            self.used = False
         if self.raw and _KERNEL_TIMEOUTS and type(self.sock) is socket.socket:
             # The kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
             # timeout would poll() before every send and receive.
@@ -458,8 +488,18 @@ class _Wire:
             return True
         return bool(select.select([sock], [], [], 0)[0])
 
+    def settle(self) -> list[Callable[[], bytes]]:
+        """Read the replies owed by earlier calls; the EVALs to re-send for NOSCRIPT ones."""
+        owed, self.owed = self.owed, []
+        redo = []
+        for fallback in owed:
+            if type(self.read()) is NoScriptError and fallback is not None:
+                redo.append(fallback)
+        return redo
+
     def close(self) -> None:
         conn, self.conn, self.sock, self.buf = self.conn, None, None, b""
+        self.owed = []
         if conn is not None:
             conn.disconnect()
 
@@ -516,10 +556,15 @@ class Fanout:
         self._idle = []
 
     def close(self) -> None:
-        """Close every idle connection."""
+        """Close every idle connection, after reading the replies they still owe
+        (a forgotten script among them runs again first)."""
         idle, self._idle = self._idle, []
         for wires in idle:
             for wire in wires:
+                if wire.owed:
+                    with contextlib.suppress(Exception):
+                        for again in wire.settle():
+                            _resend(wire, again, None)
                 wire.close()
 
     def script(
@@ -528,12 +573,14 @@ class Fanout:
         keys: Sequence[bytes],
         args: Sequence[bytes | str | int],
         targets: Iterable[int] | None = None,
+        enough: tuple[Callable[[Reply], bool], int] | None = None,
     ) -> list[Reply]:
         """Run ``script`` by EVALSHA on every node (or ``targets``); see :meth:`call`."""
         return self.call(
             script.evalsha_head(len(keys), len(args)) + pack_args(*keys, *args),
             lambda: pack(b"EVAL", script.source, len(keys), *keys, *args),
             targets,
+            enough,
         )
 
     def call(
@@ -541,6 +588,7 @@ class Fanout:
         packed: bytes,
         fallback: Callable[[], bytes] | None = None,
         targets: Iterable[int] | None = None,
+        enough: tuple[Callable[[Reply], bool], int] | None = None,
     ) -> list[Reply]:
         """Send ``packed`` to every node (or to ``targets``) and return the replies in order.
 
@@ -549,6 +597,14 @@ class Fanout:
         :class:`redis.ResponseError` the node answered). Nodes not targeted get
         ``None``. A node that answers NOSCRIPT (its script cache was flushed)
         is sent ``fallback()``, the same call as EVAL.
+
+        ``enough=(ok, count)``: return as soon as ``count`` replies satisfy
+        ``ok``; the other replies are :data:`UNREAD`. They are read, and a
+        NOSCRIPT among them answered with its EVAL, by the next call on those
+        connections before it sends anything, so every node still runs the
+        commands in the order they were given. A node may apply a command a
+        moment after this returns. Connections to test doubles are always
+        read through.
         """
         try:
             wires = self._idle.pop()
@@ -557,21 +613,39 @@ class Fanout:
         replies: list[Reply] = [None] * len(wires)
         sent: list[int] = []
         order = range(len(wires)) if targets is None else list(targets)
+        ok, wanted = enough if enough is not None else (None, 0)
+        good = 0
         try:
             _connect_together([wires[i] for i in order if wires[i].sock is None])
             for i in order:
+                wire = wires[i]
                 try:
-                    wires[i].send(packed)
+                    if wire.owed:
+                        # Replies an earlier call left unread are settled first, so a
+                        # forgotten script runs again before this command, in order.
+                        for again in wire.settle():
+                            _resend(wire, again, None)
+                    wire.send(packed)
                     sent.append(i)
-                except Exception as exc:  # refused, reset, TLS or auth failure
+                except _Stale:
+                    try:  # closed while idle: the owed replies are gone with the server
+                        wire.send(packed)
+                        sent.append(i)
+                    except Exception as exc:
+                        replies[i] = exc
+                except Exception as exc:  # refused, reset, TLS or auth failure, timeout
                     replies[i] = exc
             late = False
             for i in sent:
                 wire = wires[i]
-                if late and not wire.ready():
+                if late and not wire.ready():  # it had the whole timeout to answer too
                     replies[i] = wire.fail(
                         redis.TimeoutError(f"no reply from {wire.node.name} within {self.timeout}s")
                     )
+                    continue
+                if ok is not None and good >= wanted and wire.raw:
+                    wire.owed.append(fallback)  # read by the next call on this connection
+                    replies[i] = UNREAD
                     continue
                 try:
                     try:
@@ -582,6 +656,8 @@ class Fanout:
                     if type(reply) is NoScriptError:
                         reply = _resend(wire, fallback, reply)
                     replies[i] = reply
+                    if ok is not None and ok(reply):
+                        good += 1
                 except redis.TimeoutError as exc:
                     late = True
                     replies[i] = exc
@@ -628,7 +704,7 @@ class Fanout:
         return replies
 
 
-def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Exception) -> Reply:
+def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply) -> Reply:
     if fallback is None:
         return exc
     try:

@@ -39,7 +39,7 @@ from typing import Any, Union
 from redis.exceptions import ResponseError
 
 from . import _scripts
-from ._nodes import Fanout, Node, classify, pack, parse_servers
+from ._nodes import UNREAD, Fanout, Node, classify, pack, parse_servers
 from ._wakeup import Listener
 from .exceptions import (
     LockExtendError,
@@ -267,6 +267,9 @@ class Redlock:
         self.nodes: tuple[Node, ...] = tuple(parse_servers(servers))
         self.quorum = len(self.nodes) // 2 + 1
         self._fanout = Fanout(self.nodes, self.node_timeout)
+        # A call returns once a quorum said yes; the other replies are read later.
+        self._enough_ok = (_is_ok, self.quorum)
+        self._enough_one = (_is_one, self.quorum)
         self._held: set[tuple[str, str]] = set()
         self._listener = Listener(self.nodes)
         self._finalizer = weakref.finalize(
@@ -419,11 +422,15 @@ class Redlock:
         elif fresh:
             # A token made here is held by no one else: no re-entry to handle, so the
             # plain command does (less work on each node than a script).
-            replies = fanout.call(pack(b"SET", key, token, b"NX", b"PX", ttl_ms))
+            replies = fanout.call(
+                pack(b"SET", key, token, b"NX", b"PX", ttl_ms), enough=self._enough_ok
+            )
             granted = [i for i, r in enumerate(replies) if r == b"OK"]
         else:
-            replies = fanout.script(_scripts.ACQUIRE, (key,), (token, ttl_ms))
-            granted = [i for i, r in enumerate(replies) if r == 1 and type(r) is int]
+            replies = fanout.script(
+                _scripts.ACQUIRE, (key,), (token, ttl_ms), enough=self._enough_one
+            )
+            granted = [i for i, r in enumerate(replies) if _is_one(r)]
         drift = self.drift_factor * ttl + DRIFT_CONSTANT
         elapsed = time.monotonic() - start
         fence: int | None = None
@@ -458,7 +465,9 @@ class Redlock:
     def _votes(self, replies: list[Any], granted: list[int]) -> list[NodeVote]:
         grant = set(granted)
         return [
-            classify(node, reply, i in grant)
+            NodeVote(node.name, Vote.TIMEOUT, "not read: a quorum had answered first")
+            if reply is UNREAD
+            else classify(node, reply, i in grant)
             for i, (node, reply) in enumerate(zip(self.nodes, replies))
         ]
 
@@ -621,9 +630,11 @@ class Redlock:
         :class:`LockNotOwned` instead of returning False.
         """
         resource, token = self._handle(lock, value)
-        replies = self._fanout.script(_scripts.RELEASE, (resource.encode(),), (token,))
+        replies = self._fanout.script(
+            _scripts.RELEASE, (resource.encode(),), (token,), enough=self._enough_one
+        )
         self._held.discard((resource, token))
-        deleted = sum(1 for r in replies if r == 1 and type(r) is int)
+        deleted = sum(1 for r in replies if _is_one(r))
         errors = [
             classify(n, r, False) for n, r in zip(self.nodes, replies) if isinstance(r, Exception)
         ]
@@ -732,6 +743,14 @@ class Redlock:
     def __repr__(self) -> str:
         names = ", ".join(node.name for node in self.nodes)
         return f"<Redlock [{names}] quorum={self.quorum}>"
+
+
+def _is_ok(reply: object) -> bool:
+    return reply == b"OK"
+
+
+def _is_one(reply: object) -> bool:
+    return reply == 1 and type(reply) is int
 
 
 def _parse_info(reply: object) -> dict[str, str]:

@@ -69,7 +69,9 @@ def test_acquisition_slower_than_the_ttl_is_never_granted(
                 error = exc
             assert error is not None
             assert time.monotonic() - started >= delay
-            assert [v.vote for v in error.votes] == [Vote.YES] * 5  # yes, but too late
+            # yes, but too late (nodes after the quorum's third "yes" are not read)
+            assert sum(v.vote is Vote.YES for v in error.votes) >= 3
+            assert all(v.vote is Vote.YES or "not read" in v.detail for v in error.votes)
             # The fast nodes' keys were released when the attempt failed, not left to expire.
             assert lock_keys(redis_nodes[3]) == lock_keys(redis_nodes[4]) == []
         rl.close()

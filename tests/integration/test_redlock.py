@@ -65,6 +65,20 @@ def values(clients: list[redis.Redis], key: str) -> list[str | None]:
     return [None if v is None else v.decode() for v in raw]
 
 
+def settled(
+    clients: list[redis.Redis], key: str, expected: list[str | None], within: float = 1.0
+) -> list[str | None]:
+    """The key's values once they equal ``expected``, or as they are after ``within``
+    seconds: a call returns once a quorum answered, and the other nodes apply the
+    command a moment later."""
+    deadline = time.monotonic() + within
+    while True:
+        seen = values(clients, key)
+        if seen == expected or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.005)
+
+
 # --------------------------------------------------------------------------
 # The quorum, exhaustively
 
@@ -89,13 +103,16 @@ def test_acquired_exactly_when_the_free_nodes_form_a_quorum(
         expected = [Vote.HELD if i in held else Vote.YES for i in range(N)]
         assert [v.vote for v in caught.value.votes] == expected
         assert caught.value.unavailable is False
-        assert values(clients, "q") == ["theirs" if i in held else None for i in range(N)]
+        after = ["theirs" if i in held else None for i in range(N)]
+        assert settled(clients, "q", after) == after
         return
     lock = rl.acquire("q", 10, value="ours")
     assert lock.validity > 9
-    assert values(clients, "q") == ["theirs" if i in held else "ours" for i in range(N)]
+    locked = ["theirs" if i in held else "ours" for i in range(N)]
+    assert settled(clients, "q", locked) == locked
     assert rl.release(lock) is True
-    assert values(clients, "q") == ["theirs" if i in held else None for i in range(N)]
+    released = ["theirs" if i in held else None for i in range(N)]
+    assert settled(clients, "q", released) == released
 
 
 # --------------------------------------------------------------------------
@@ -263,11 +280,13 @@ def test_a_fence_write_short_of_a_quorum_fails_the_acquisition(
     rl = managers(retry_count=0)
     real = rl._fanout.script
 
-    def script(script: _scripts.Script, keys: Any, args: Any, targets: Any = None) -> list[Any]:
+    def script(
+        script: _scripts.Script, keys: Any, args: Any, targets: Any = None, enough: Any = None
+    ) -> list[Any]:
         if script is _scripts.FENCE_WRITE:
             for c in clients[:3]:
                 c.set("fw", "thief", px=10_000)
-        return real(script, keys, args, targets)
+        return real(script, keys, args, targets, enough)
 
     monkeypatch.setattr(rl._fanout, "script", script)
     assert rl.lock("fw", 10, value="ours", fencing=True) is None

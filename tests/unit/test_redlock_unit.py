@@ -126,18 +126,22 @@ def slow_network(
     real_call = rl._fanout.call
     sent: list[_scripts.Script] = []
 
-    def script(script: _scripts.Script, keys: Any, args: Any, targets: Any = None) -> list[Any]:
+    def script(
+        script: _scripts.Script, keys: Any, args: Any, targets: Any = None, enough: Any = None
+    ) -> list[Any]:
         sent.append(script)
         if only is None or script is only:
             clock.now += seconds
-        return real(script, keys, args, targets)
+        return real(script, keys, args, targets, enough)
 
-    def call(packed: bytes, fallback: Any = None, targets: Any = None) -> list[Any]:
+    def call(
+        packed: bytes, fallback: Any = None, targets: Any = None, enough: Any = None
+    ) -> list[Any]:
         if packed.startswith(b"*6\r\n$3\r\nSET\r\n"):
             sent.append(_scripts.ACQUIRE)
             if only is None or only is _scripts.ACQUIRE:
                 clock.now += seconds
-        return real_call(packed, fallback, targets)
+        return real_call(packed, fallback, targets, enough)
 
     monkeypatch.setattr(rl._fanout, "script", script)
     monkeypatch.setattr(rl._fanout, "call", call)
@@ -369,9 +373,11 @@ def test_a_failed_attempt_is_undone_on_every_node_including_failed_ones(
     calls: list[tuple[_scripts.Script, Any]] = []
     real = rl._fanout.script
 
-    def spy(script: _scripts.Script, keys: Any, args: Any, targets: Any = None) -> list[Any]:
+    def spy(
+        script: _scripts.Script, keys: Any, args: Any, targets: Any = None, enough: Any = None
+    ) -> list[Any]:
         calls.append((script, targets))
-        return real(script, keys, args, targets)
+        return real(script, keys, args, targets, enough)
 
     monkeypatch.setattr(rl._fanout, "script", spy)
     assert rl.lock("r", 10, value="mine") is None
@@ -1063,9 +1069,11 @@ def test_pack_is_what_force_release_sends(
     sent: list[bytes] = []
     real = rl._fanout.call
 
-    def spy(packed: bytes, fallback: Any = None, targets: Any = None) -> list[Any]:
+    def spy(
+        packed: bytes, fallback: Any = None, targets: Any = None, enough: Any = None
+    ) -> list[Any]:
         sent.append(packed)
-        return real(packed, fallback, targets)
+        return real(packed, fallback, targets, enough)
 
     monkeypatch.setattr(rl._fanout, "call", spy)
     rl.force_release("jobs:1")
