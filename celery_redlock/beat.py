@@ -117,6 +117,12 @@ class RedlockSchedulerMixin:
     redlock_beat_ttl: Any = None
     #: Seconds between a standby's attempts to take the lock (default 1).
     redlock_beat_poll: Any = None
+    #: Whether a standby ticks its own schedule dry (advancing entries without
+    #: sending) to stay in step with the leader. True for schedulers that keep
+    #: their state per instance (PersistentScheduler's file); set it False for
+    #: one whose state all beats share (django-celery-beat's database, RedBeat's
+    #: Redis), where the leader's ticks already advance it.
+    redlock_standby_ticks: bool = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._leader: Lock | None = None
@@ -244,6 +250,8 @@ class RedlockSchedulerMixin:
         elif time.monotonic() >= self._next_renew:
             self._renew()
         leading = self._leader is not None
+        if not leading and not self.redlock_standby_ticks:
+            return max(0.0, self._next_try - time.monotonic())
         self._standby_tick = not leading
         try:
             interval = float(super().tick(*args, **kwargs))  # type: ignore[misc]

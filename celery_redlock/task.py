@@ -120,7 +120,7 @@ _log = logging.getLogger(__name__)
 #: Attribute of the request (Context) holding the run's lock state.
 _RUN_ATTR = "_redlock_run"
 #: Methods and properties that carry the ``redlock_`` prefix but are no settings.
-_NOT_SETTINGS = ("redlock_lost", "redlock_key_for", "redlock_settings")
+_NOT_SETTINGS = ("redlock_lost", "redlock_key_for", "redlock_info", "redlock_settings")
 
 
 @dataclass(eq=False)
@@ -269,6 +269,17 @@ class RedlockTask(Task):  # type: ignore[misc]
         """The Redis key of this task's lock for a call with ``args`` and ``kwargs``."""
         settings = self.redlock_settings
         return build_key(settings.key_prefix, self.name, self.run, args, kwargs, settings.key)
+
+    def redlock_info(
+        self, args: Sequence[Any] | None = None, kwargs: Mapping[str, Any] | None = None
+    ) -> LockInfo:
+        """Who holds the lock of a call with ``args`` and ``kwargs`` now, and for how long.
+
+        ``.holder`` is the task id holding it on a quorum (None when free),
+        ``.ttl_left`` the seconds left; for dashboards and tests.
+        """
+        settings = self.redlock_settings
+        return get_redlock(settings).inspect(self.redlock_key_for(args, kwargs))
 
     @property
     def redlock_lost(self) -> bool:

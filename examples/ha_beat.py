@@ -76,7 +76,13 @@ except ImportError:  # django-celery-beat is not installed: no such scheduler he
 else:
 
     class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[no-redef,misc]
-        """django-celery-beat's DatabaseScheduler; only the leader sends."""
+        """django-celery-beat's DatabaseScheduler; only the leader sends.
+
+        The schedule's state lives in the database all beats share, so a
+        standby must not tick it (it would advance entries the leader sends).
+        """
+
+        redlock_standby_ticks = False
 
 
 def state(scheduler: RedlockScheduler) -> str:

@@ -328,6 +328,35 @@ def test_the_mixin_wraps_another_scheduler_class(
         forget_managers()
 
 
+def test_a_standby_of_a_shared_state_scheduler_does_not_touch_its_schedule(
+    redis_urls: list[str],
+) -> None:
+    """With ``redlock_standby_ticks = False`` (a database or Redis schedule all beats
+    share) the standby neither sends nor advances entries; it only seeks the lock."""
+
+    class SharedStateScheduler(RedlockSchedulerMixin, Scheduler):  # type: ignore[misc]
+        redlock_standby_ticks = False
+
+    app = make_app(redis_urls[:3])
+    a = SharedStateScheduler(app=app, lazy=False)
+    b = SharedStateScheduler(app=app, lazy=False)
+    spy_a, spy_b = Spy(a), Spy(b)  # type: ignore[arg-type]
+    try:
+        drive([a, b], 0.6)
+        assert a.is_leader
+        assert spy_a.sends
+        assert spy_b.sends == []
+        assert int(b.schedule["tick"].total_run_count) == 0  # untouched by the standby
+        a.close()
+        drive([b], 0.6)
+        assert b.is_leader
+        assert spy_b.sends
+    finally:
+        a.close()
+        b.close()
+        forget_managers()
+
+
 def test_no_lock_servers_and_no_redis_broker_names_redlock_servers(tmp_path: Path) -> None:
     app = Celery("beat_unit_nobroker", broker="amqp://guest@127.0.0.1//", set_as_current=False)
     with pytest.raises(RedlockConfigError, match="redlock_servers"):

@@ -347,3 +347,17 @@ def test_a_function_given_as_the_redlock_key_option_is_called_with_the_arguments
     assert same == notify.redlock_key_for(("ada@example.org", 5), {})
     assert same != notify.redlock_key_for(("bob@example.org",), {})
     assert notify.apply(("ada@example.org",)).get() == "ada@example.org"
+
+
+def test_redlock_info_names_the_task_holding_a_calls_lock(app: Celery) -> None:
+    @app.task(base=RedlockTask, shared=False)
+    def job(n: int) -> int:
+        return n
+
+    assert job.redlock_info((1,)).holder is None
+    take(job, 1)
+    info = job.redlock_info((1,))
+    assert info.holder == OTHER
+    assert info.ttl_left is not None
+    assert 25 < info.ttl_left <= 30
+    assert job.redlock_info((2,)).holder is None
