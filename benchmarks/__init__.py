@@ -12,9 +12,10 @@ Issue 6, item by item:
 
 1. and 2. ``benchmarks.cycles``: uncontended cycles/s on 1-7 nodes, peers,
    scaling with the node count;
-3. hand-off under contention: to come as ``benchmarks.handoff``;
-4. Celery tasks with and without RedlockTask: to come as
-   ``benchmarks.celery_tasks``;
+3. ``benchmarks.handoff``: hand-off under contention, 8 waiter processes,
+   woken by the release vs polling, against pottery and python-redis-lock;
+4. ``benchmarks.celery_tasks``: trivial tasks through a real prefork worker,
+   with and without RedlockTask (tasks/s, added latency per task);
 5. ``benchmarks.memory``: a long run leaves no keys and holds flat memory.
 
 A new suite is added by writing its module and listing it here.
@@ -22,9 +23,10 @@ A new suite is added by writing its module and listing it here.
 
 from __future__ import annotations
 
-#: Suite modules, in run order. Add "benchmarks.handoff" (item 3) and
-#: "benchmarks.celery_tasks" (item 4) when they exist.
+#: Suite modules, in run order.
 SUITE_MODULES: tuple[str, ...] = (
     "benchmarks.cycles",
     "benchmarks.memory",
+    "benchmarks.handoff",
+    "benchmarks.celery_tasks",
 )

@@ -504,6 +504,37 @@ class _Wire:
             conn.disconnect()
 
 
+def _wait_ready(wire: _Wire, deadline: float) -> bool:
+    """Wait until ``wire`` has a reply to read, or ``deadline``; whether it has."""
+    while not wire.ready():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        select.select([wire.sock], [], [], left)
+    return True
+
+
+def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int) -> bool:
+    """Settle what ``wire`` owes, then send ``packed``; on failure the error is reply ``i``.
+
+    Replies an earlier call left unread are read first, and a script the node
+    had forgotten runs again before this command: each node runs the commands
+    in the order they were given.
+    """
+    try:
+        try:
+            if wire.owed:
+                for again in wire.settle():
+                    _resend(wire, again, None)
+            wire.send(packed)
+        except _Stale:  # closed while idle: the owed replies are gone with the server
+            wire.send(packed)
+        return True
+    except Exception as exc:  # refused, reset, TLS or auth failure, timeout
+        replies[i] = exc
+        return False
+
+
 def _connect_together(wires: Sequence[_Wire]) -> None:
     """Open several connections at once, so k stalled nodes cost one timeout, not k.
 
@@ -617,28 +648,27 @@ class Fanout:
         good = 0
         try:
             _connect_together([wires[i] for i in order if wires[i].sock is None])
+            held: set[int] = set()
             for i in order:
-                wire = wires[i]
-                try:
-                    if wire.owed:
-                        # Replies an earlier call left unread are settled first, so a
-                        # forgotten script runs again before this command, in order.
-                        for again in wire.settle():
-                            _resend(wire, again, None)
-                    wire.send(packed)
+                if wires[i].owed and not wires[i].ready():
+                    held.add(i)  # its earlier reply is still on the way: sent below
+                elif _send(wires[i], packed, replies, i):
                     sent.append(i)
-                except _Stale:
-                    try:  # closed while idle: the owed replies are gone with the server
-                        wire.send(packed)
-                        sent.append(i)
-                    except Exception as exc:
-                        replies[i] = exc
-                except Exception as exc:  # refused, reset, TLS or auth failure, timeout
-                    replies[i] = exc
+            deadline = time.monotonic() + self.timeout
             late = False
-            for i in sent:
+            for i in sorted([*sent, *held]) if held else sent:
                 wire = wires[i]
-                if late and not wire.ready():  # it had the whole timeout to answer too
+                if i in held:
+                    # The earlier reply first (same deadline), then this command.
+                    if not _wait_ready(wire, deadline):
+                        replies[i] = wire.fail(
+                            redis.TimeoutError(f"no reply from {wire.node.name} in {self.timeout}s")
+                        )
+                        late = True
+                        continue
+                    if not _send(wire, packed, replies, i):
+                        continue
+                elif late and not wire.ready():  # it had the whole timeout to answer too
                     replies[i] = wire.fail(
                         redis.TimeoutError(f"no reply from {wire.node.name} within {self.timeout}s")
                     )

@@ -60,6 +60,9 @@ _log = logging.getLogger(__name__)
 DRIFT_CONSTANT = 0.002
 #: The first Redis release with ``SET ... NX PX``.
 MIN_REDIS_VERSION = (2, 6, 12)
+#: Seconds after releasing a resource during which this manager's own ``wait=``
+#: acquire of it steps back (the same random pause the woken waiters take).
+HANDOFF_COURTESY = 0.005
 #: Appended to a resource to name its fencing counter key.
 FENCE_SUFFIX = ":fence"
 
@@ -272,6 +275,8 @@ class Redlock:
         self._enough_one = (_is_one, self.quorum)
         self._held: set[tuple[str, str]] = set()
         self._listener = Listener(self.nodes)
+        #: the last resource this manager released, and when (for hand-off courtesy)
+        self._just_released: tuple[bytes, float] = (b"", 0.0)
         self._finalizer = weakref.finalize(
             self,
             _shutdown,
@@ -529,6 +534,10 @@ class Redlock:
         tried = 0
         # A waiter is woken by the holder's release; the retry delay is the fallback poll.
         wakeup = self._listener.register(key) if deadline is not None else None
+        released, when = self._just_released
+        if wakeup is not None and released == key and time.monotonic() - when < HANDOFF_COURTESY:
+            # This manager has just released it: let the woken waiters go first.
+            time.sleep(random.uniform(0, 0.001 * self.quorum))
         try:
             while True:
                 tried += 1
@@ -634,6 +643,7 @@ class Redlock:
             _scripts.RELEASE, (resource.encode(),), (token,), enough=self._enough_one
         )
         self._held.discard((resource, token))
+        self._just_released = (resource.encode(), time.monotonic())
         deleted = sum(1 for r in replies if _is_one(r))
         errors = [
             classify(n, r, False) for n, r in zip(self.nodes, replies) if isinstance(r, Exception)

@@ -41,6 +41,8 @@ _log = logging.getLogger(__name__)
 RENEW_SHARE = 1 / 3
 #: Never renew more often than this (seconds), however short the TTL.
 MIN_INTERVAL = 0.01
+#: Seconds the thread may oversleep so that watches due close together share a wake-up.
+SLACK = 0.05
 #: Drop cancelled watches from the queue once it holds this many entries (doubling after).
 COMPACT_AT = 1024
 
@@ -166,21 +168,27 @@ class Renewer:
     # -- the thread ---------------------------------------------------------------
 
     def _next_due(self) -> Watch | None:
-        """Wait until a watch is due; None when stopping."""
+        """Wait until a watch is due; None when stopping.
+
+        A cancelled watch stays queued until its time (dropping it early would
+        empty the queue after every short task, and each new watch would then
+        wake the thread); the thread oversleeps a little (a tenth of the
+        interval, at most ``SLACK``) so that watches due close together are
+        handled in one wake-up.
+        """
         with self._cond:
             while not self._stopping:
-                while self._queue and self._queue[0][2].cancelled:
-                    heapq.heappop(self._queue)
                 if not self._queue:
                     self._cond.wait()
                     continue
                 due, _, item = self._queue[0]
                 delay = due - self.clock()
                 if delay > 0:
-                    self._cond.wait(delay)
+                    self._cond.wait(delay + min(SLACK, item.interval / 10))
                     continue
                 heapq.heappop(self._queue)
-                return item
+                if not item.cancelled:
+                    return item
             return None
 
     def _run(self) -> None:
