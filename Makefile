@@ -4,8 +4,8 @@
 #   make lint       ruff check
 #   make typecheck  mypy --strict on the package (and tests/servers.py)
 #   make demo       python -m celery_redlock demo
-#   make faults     the fault-injection scenarios: pytest tests/faults -m slow
-#   make bench      installs the [bench] extra, runs python -m benchmarks
+#   make faults     every fault-injection scenario, long runs too; writes docs/faults.md
+#   make bench      installs the [bench] extra, runs python -m benchmarks; writes docs/benchmarks.md
 #   make venv       just (re)build .venv
 #   make clean      remove .venv, caches and build artefacts
 #
@@ -18,7 +18,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-BENCH_ARGS ?=
+BENCH_ARGS ?= --markdown docs/benchmarks.md
 
 TEST_STAMP := $(VENV)/.stamp-test
 BENCH_STAMP := $(VENV)/.stamp-bench

@@ -538,3 +538,46 @@ def test_two_beat_processes_for_30_seconds(
     seconds = 30.0
     run = run_two_beats(tmp_path, redis_urls[:3], broker_server, seconds)
     check_two_beats(run, seconds)
+
+
+def test_redlock_hold_runs_a_periodic_task_once_per_period_with_two_plain_beats(
+    redis_urls: list[str],
+) -> None:
+    """Two plain (unelected) schedulers both send a periodic RedlockTask each period;
+    with ``redlock_hold`` near the period its body runs once per period, not twice.
+    Runs are eager here (in the scheduler's thread), which lock as a worker's do."""
+    from celery_redlock.task import RedlockTask
+
+    period = 0.5
+    app = Celery(f"hold_{uuid.uuid4().hex[:8]}", broker="memory://", set_as_current=False)
+    app.conf.update(
+        redlock_servers=redis_urls[:3],
+        task_always_eager=True,
+        beat_schedule={"job": {"task": "hold.job", "schedule": period}},
+    )
+    runs: list[float] = []
+
+    @app.task(base=RedlockTask, name="hold.job", redlock_key="", redlock_hold=period * 0.8)
+    def job() -> None:
+        runs.append(time.monotonic())
+
+    a = Scheduler(app=app, lazy=False)
+    b = Scheduler(app=app, lazy=False)
+    sends = {"a": 0, "b": 0}
+    for name, scheduler in (("a", a), ("b", b)):
+        real = scheduler.apply_async
+
+        def counted(entry: Any, *args: Any, _n: str = name, _real: Any = real, **kw: Any) -> Any:
+            sends[_n] += 1
+            return _real(entry, *args, **kw)
+
+        scheduler.apply_async = counted  # type: ignore[method-assign]
+    try:
+        drive([a, b], 3.2)  # type: ignore[list-item]
+    finally:
+        forget_managers()
+    assert sends["a"] >= 5
+    assert sends["b"] >= 5  # both beats sent every period...
+    assert 5 <= len(runs) <= sends["a"] + 1  # ...but the body ran about once per period
+    gaps = [later - earlier for earlier, later in itertools.pairwise(runs)]
+    assert min(gaps) > period * 0.7, gaps  # never twice in one period
