@@ -1061,6 +1061,7 @@ def restart_broker(broker: RedisServer, down: float) -> None:
     broker.restart()
 
 
+@pytest.mark.slow  # seen once: a message held when the broker died stayed PENDING (kombu's restore)
 def test_broker_restarted_mid_run(restartable: Scene, rl: Redlock, clean: list[str]) -> None:
     """40 runs (half acks_late) of 2 keys queued; the broker is SIGKILLed once bodies
     run, and restarted 1 s later with its AOF: the workers reconnect, every message
