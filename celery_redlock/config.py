@@ -37,6 +37,7 @@ registered for a task attribute.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import threading
@@ -121,9 +122,10 @@ class RedlockSettings:
         """Seconds the "wait" policy blocks (``wait``, else ``ttl``)."""
         return self.ttl if self.wait is None else self.wait
 
-    @property
+    @functools.cached_property
     def manager_key(self) -> tuple[Any, ...]:
-        """What decides which process-wide :class:`Redlock` serves these settings."""
+        """What decides which process-wide :class:`Redlock` serves these settings
+        (computed once: every locked run looks its manager up by it)."""
         servers = tuple(s if isinstance(s, str) else id(s) for s in self.servers)
         return (
             servers,

@@ -639,11 +639,10 @@ class Redlock:
         :class:`LockNotOwned` instead of returning False.
         """
         resource, token = self._handle(lock, value)
-        replies = self._fanout.script(
-            _scripts.RELEASE, (resource.encode(),), (token,), enough=self._enough_one
-        )
+        key = resource.encode()
+        replies = self._fanout.script(_scripts.RELEASE, (key,), (token,), enough=self._enough_one)
         self._held.discard((resource, token))
-        self._just_released = (resource.encode(), time.monotonic())
+        self._just_released = (key, time.monotonic())
         deleted = sum(1 for r in replies if _is_one(r))
         errors = [
             classify(n, r, False) for n, r in zip(self.nodes, replies) if isinstance(r, Exception)
