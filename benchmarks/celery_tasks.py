@@ -383,10 +383,10 @@ def run(ctx: Context) -> SuiteResult:
         f"{calls} round trips per kind"
     )
     with running_worker([n.url for n in nodes], ctx.log) as (app, worker, broker):
-        scripts_before = _scripts_run(nodes)
+        commands_before = _lock_commands_run(nodes)
         meter = CpuMeter(worker, nodes, broker)
         results = measure(app, worker, batch, rounds, calls, ctx.log, meter)
-        scripts = [b - a for a, b in zip(scripts_before, _scripts_run(nodes))]
+        commands = [b - a for a, b in zip(commands_before, _lock_commands_run(nodes))]
         leftover = _lock_keys(nodes)
 
     plain, locked = results["plain"], results["locked"]
@@ -396,9 +396,9 @@ def run(ctx: Context) -> SuiteResult:
     if len(ratios) >= 4:
         q1, _, q3 = statistics.quantiles(ratios, n=4)
         spread = (q1, q3)
-    # Every locked run must have locked: an acquire and a release script per node.
+    # Every locked run must have locked: an acquire (SET NX) and a release per node.
     locked_runs = WARMUP + len(locked.rates) * batch + len(locked.latencies)
-    per_task = min(scripts) / locked_runs if scripts and locked_runs else None
+    per_task = min(commands) / locked_runs if commands and locked_runs else None
     added = None
     if plain.latency is not None and locked.latency is not None:
         added = (locked.latency - plain.latency) * 1000
@@ -490,7 +490,7 @@ def run(ctx: Context) -> SuiteResult:
             note="as if the lock nodes ran on other machines",
         ),
         Check(
-            "Celery: lock scripts per locked task, per node",
+            "Celery: lock commands per locked task, per node",
             per_task,
             None,
             unit="",
@@ -534,7 +534,7 @@ def run(ctx: Context) -> SuiteResult:
             "locked_latency_ms": _rounded_ms(locked.latency),
             "added_latency_ms": None if added is None else round(added, 3),
             "lock_keys_left": leftover,
-            "lock_scripts_per_node": scripts,
+            "lock_commands_per_node": commands,
             "cpu_ms_per_task": {
                 r.kind: [{k: round(v * 1000, 4) for k, v in c.items()} for c in r.cpu]
                 for r in (plain, locked)
@@ -555,8 +555,8 @@ def _rounded_ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-def _scripts_run(nodes: Sequence[NodeAddr]) -> list[int]:
-    """EVALSHA + EVAL calls each node has served so far (INFO commandstats)."""
+def _lock_commands_run(nodes: Sequence[NodeAddr]) -> list[int]:
+    """SET + EVALSHA + EVAL calls each node has served so far (INFO commandstats)."""
     import redis
 
     counts = []
@@ -566,7 +566,7 @@ def _scripts_run(nodes: Sequence[NodeAddr]) -> list[int]:
         counts.append(
             sum(
                 int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
-                for name in ("evalsha", "eval")
+                for name in ("set", "evalsha", "eval")
             )
         )
     return counts

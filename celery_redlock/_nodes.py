@@ -270,8 +270,16 @@ _TIMEOUTS = (TimeoutError, BlockingIOError)
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 
 
-#: The scripts every new connection loads (SCRIPT LOAD is idempotent on a node).
-_PRELOADED = (_scripts.ACQUIRE, _scripts.RELEASE, _scripts.EXTEND)
+#: The scripts every new connection loads (SCRIPT LOAD is idempotent on a node). Every
+#: script a call may leave unread (``enough``) is among them: an unread NOSCRIPT is only
+#: answered by the connection's next call.
+_PRELOADED = (
+    _scripts.ACQUIRE,
+    _scripts.RELEASE,
+    _scripts.EXTEND,
+    _scripts.RELEASE_OWNED,
+    _scripts.REASSIGN,
+)
 _PRELOAD = b"".join(pack(b"SCRIPT", b"LOAD", script.source) for script in _PRELOADED)
 
 

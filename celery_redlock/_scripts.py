@@ -13,7 +13,17 @@ import functools
 import hashlib
 from dataclasses import dataclass, field
 
-__all__ = ["ACQUIRE", "ACQUIRE_FENCED", "EXTEND", "FENCE_WRITE", "INSPECT", "RELEASE", "Script"]
+__all__ = [
+    "ACQUIRE",
+    "ACQUIRE_FENCED",
+    "EXTEND",
+    "FENCE_WRITE",
+    "INSPECT",
+    "REASSIGN",
+    "RELEASE",
+    "RELEASE_OWNED",
+    "Script",
+]
 
 
 @dataclass(frozen=True)
@@ -42,19 +52,24 @@ def _evalsha_head(sha: bytes, nkeys: int, nargs: int) -> bytes:
     )
 
 
-# KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the TTL in ms.
-# Sets the key if it is free. If it already holds the same token (a Celery
-# retry or a redelivered message re-entering with its task id), re-arms the TTL.
-# Returns 1 when the caller holds the key afterwards, 0 when another token does.
+# KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the TTL in ms;
+# ARGV[3] (optional) a token the caller may take the key over from.
+# Sets the key if it is free. If it already holds the same token, re-arms the
+# TTL (an owner re-entering its own lock). If it holds ARGV[3] (a reservation
+# such as a task id kept between a Celery run and its retry), replaces that
+# token with the caller's. Returns 1 when the caller holds the key afterwards,
+# 0 when another token does.
 ACQUIRE = Script(
     b"if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
-    b"if redis.call('get', KEYS[1]) == ARGV[1] then "
-    b"redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    b"local v = redis.call('get', KEYS[1]) "
+    b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    b"if ARGV[3] and v == ARGV[3] then "
+    b"redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end "
     b"return 0"
 )
 
 # KEYS[1] the lock key; KEYS[2] the resource's fence counter key;
-# ARGV[1] the owner's token; ARGV[2] the TTL in ms.
+# ARGV[1] the owner's token; ARGV[2] the TTL in ms; ARGV[3] (optional) as ACQUIRE.
 # As ACQUIRE, and also reads the node's fence counter and clock.
 # Returns {1 if the caller holds the key afterwards else 0,
 #          the fence counter (0 when unset), the node's clock in microseconds}.
@@ -66,8 +81,10 @@ ACQUIRE_FENCED = Script(
     b"local now = tonumber(t[1]) * 1000000 + tonumber(t[2]) "
     b"local held = 1 "
     b"if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
-    b"if redis.call('get', KEYS[1]) == ARGV[1] then "
-    b"redis.call('pexpire', KEYS[1], ARGV[2]) else held = 0 end end "
+    b"local v = redis.call('get', KEYS[1]) "
+    b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) "
+    b"elseif ARGV[3] and v == ARGV[3] then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) "
+    b"else held = 0 end end "
     b"return {held, tonumber(redis.call('get', KEYS[2]) or '0'), now}"
 )
 
@@ -91,6 +108,26 @@ FENCE_WRITE = Script(
 RELEASE = Script(
     b"if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
     b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
+)
+
+# KEYS[1] the lock key; ARGV[1] an owner's name.
+# As RELEASE, for the key holding the token ARGV[1] itself or any token
+# "ARGV[1]|..." (one run of that owner: see Redlock.release(owner=True)).
+RELEASE_OWNED = Script(
+    b"local v = redis.call('get', KEYS[1]) "
+    b"if v and (v == ARGV[1] or string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|') then "
+    b"redis.call('del', KEYS[1]) "
+    b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
+)
+
+# KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the new token;
+# ARGV[3] the new TTL in ms.
+# Gives the key a new token and TTL, only if it holds the caller's token.
+# Returns 1 when done, 0 when the key was absent or held by another token.
+REASSIGN = Script(
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then "
+    b"redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 end "
+    b"return 0"
 )
 
 # KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the new TTL in ms.

@@ -25,6 +25,7 @@ import click
 from ._wakeup import CHANNEL
 from .config import resolve_settings
 from .exceptions import RedlockError
+from .keys import task_id_of
 from .redlock import FENCE_SUFFIX, Redlock
 
 __all__ = ["redlock"]
@@ -150,14 +151,17 @@ def _locks(manager: Redlock, keys: Sequence[str], prefix: str) -> list[dict[str,
         tokens = {tok for _, tok, _ in info.per_node if tok is not None}
         if not tokens:
             continue  # expired since the scan
+        task = _task_of(key, prefix)
         shown = info.holder
         if shown is None:
             shown = next(iter(tokens)) if len(tokens) == 1 else f"({len(tokens)} tokens)"
+        elif task is not None:
+            shown = task_id_of(shown)  # a running task's token is its id and a run mark
         rows.append(
             {
                 "key": key,
                 "holder": shown,
-                "task": _task_of(key, prefix),
+                "task": task,
                 "ttl": info.ttl_left,
                 "nodes": f"{info.nodes_holding}/{len(manager.nodes)}",
                 "quorum": info.holder is not None,

@@ -325,16 +325,23 @@ def unknown_settings(names: Iterable[object], namespace: str | None = None) -> l
         if not isinstance(raw, str):
             continue
         name = raw.lower()
+        spelt = ""  # the namespace prefix as the name spells it ("CELERY_")
         if ns and name.startswith(ns + "_"):
+            spelt = raw[: len(ns) + 1]
             name = name[len(ns) + 1 :]
         if name in OTHER_SETTINGS:
             continue  # another part's settings, validated there
         if name.startswith(PREFIX) and name not in SETTING_NAMES and name != "redlock_lost":
             known = SETTING_NAMES + OTHER_SETTINGS
             close = difflib.get_close_matches(name, known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
+            hint = ""
+            if close:
+                same_case = close[0].upper() if raw[len(spelt) :].isupper() else close[0]
+                hint = f"; did you mean {spelt}{same_case}?"
+            where = f", each after the {spelt} prefix" if spelt else ""
             errors.append(
-                f"{raw} is not a celery_redlock setting{hint} (the settings are {', '.join(known)})"
+                f"{raw} is not a celery_redlock setting{hint} "
+                f"(the settings are {', '.join(known)}{where})"
             )
     return errors
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import re
+import secrets
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
@@ -38,6 +40,8 @@ __all__ = [
     "canonical",
     "check_key_spec",
     "digest",
+    "run_token",
+    "task_id_of",
 ]
 
 #: What ``redlock_key`` may be: None (all arguments), names, a callable, or "".
@@ -215,3 +219,25 @@ def _lookup(bound: inspect.BoundArguments, name: str, task_name: str) -> Any:
     raise RedlockConfigError(  # pragma: no cover - check_key_spec catches it at bind time
         f"task {task_name}: redlock_key names {name!r}, which is not one of its arguments"
     )
+
+
+#: A running task's token: its task id, then "|" and 12 hex digits for the run.
+_RUN_TOKEN = re.compile(r"(.*)\|[0-9a-f]{12}", re.DOTALL)
+
+
+def run_token(task_id: str) -> str:
+    """The lock token of one run of task ``task_id``: ``"<task id>|<12 hex digits>"``.
+
+    Two deliveries of one message (same task id) get different tokens, so the
+    second cannot re-enter the first one's lock. Between a run and its retry
+    the lock is held under the bare task id, which the retried run takes over.
+    """
+    return f"{task_id}|{secrets.token_hex(6)}"
+
+
+def task_id_of(token: str | None) -> str | None:
+    """The task id in a lock token (a run's token or a bare task id); None stays None."""
+    if token is None:
+        return None
+    match = _RUN_TOKEN.fullmatch(token)
+    return match.group(1) if match else token

@@ -416,25 +416,35 @@ class Redlock:
         ttl_ms: int,
         fencing: bool,
         fresh: bool = False,
+        takeover: str | None = None,
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
         start = time.monotonic()
+        args: tuple[str | int, ...] = (token, ttl_ms)
+        if takeover is not None:
+            args = (token, ttl_ms, takeover)
         if fencing:
             fence_key = key + FENCE_SUFFIX.encode()
-            replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), (token, ttl_ms))
+            replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), args)
             read = [r for r in replies if isinstance(r, list) and len(r) == 3]
             granted = [i for i, r in enumerate(replies) if isinstance(r, list) and r[:1] == [1]]
-        elif fresh:
-            # A token made here is held by no one else: no re-entry to handle, so the
-            # plain command does (less work on each node than a script).
+        elif fresh or takeover is not None:
+            # A fresh token (made here, or a run's own when taking over) is held by no
+            # one yet: the plain command does (less work on each node than a script).
             replies = fanout.call(
                 pack(b"SET", key, token, b"NX", b"PX", ttl_ms), enough=self._enough_ok
             )
             granted = [i for i, r in enumerate(replies) if r == b"OK"]
+            held = [i for i, r in enumerate(replies) if r is None]
+            if takeover is not None and held and len(granted) + len(held) >= self.quorum:
+                # Nodes holding a token: the script takes it over where it is ``takeover``
+                # (also past a quorum, so no stray reservation is left to expire).
+                again = fanout.script(_scripts.ACQUIRE, (key,), args, targets=held)
+                for i in held:
+                    replies[i] = again[i]
+                granted += [i for i in held if _is_one(again[i])]
         else:
-            replies = fanout.script(
-                _scripts.ACQUIRE, (key,), (token, ttl_ms), enough=self._enough_one
-            )
+            replies = fanout.script(_scripts.ACQUIRE, (key,), args, enough=self._enough_one)
             granted = [i for i, r in enumerate(replies) if _is_one(r)]
         drift = self.drift_factor * ttl + DRIFT_CONSTANT
         elapsed = time.monotonic() - start
@@ -486,12 +496,23 @@ class Redlock:
         wait: float | None = None,
         retry_count: int | None = None,
         retry_delay: float | None = None,
+        takeover: str | None = None,
     ) -> Lock:
         """Acquire ``resource`` for ``ttl`` seconds, or raise :class:`LockNotAcquired`.
 
         ``value`` is the token (default: 16 random bytes as 32 hex digits). A
         node already holding the same token counts as granted and has its TTL
-        re-armed, so an owner may re-enter its own lock (a retried task).
+        re-armed, so an owner may re-enter its own lock.
+
+        ``takeover``: a token the lock may be taken from. A node holding
+        exactly this token counts as granted and gets ``value`` instead: a
+        reservation (see :meth:`reassign`) handed to its next holder. The
+        attempt first sets ``value`` with a plain ``SET NX`` and asks only
+        the nodes that hold a token to hand it over, so ``value`` should be
+        new (a node already holding it still counts as granted). A task
+        kept between a run and its retry under its task id is taken over by
+        the retried run's own token, ``"<task id>|<run>"``, which a second
+        delivery of the same message cannot re-enter.
 
         ``wait``: keep trying for up to this many seconds instead of
         ``retry_count`` attempts.
@@ -527,6 +548,13 @@ class Redlock:
                 self.node_timeout,
             )
         token = secrets.token_hex(16) if value is None else _value(value)
+        if takeover is not None:
+            takeover = _value(takeover)
+            if value is None:
+                raise RedlockConfigError(
+                    f"taking {resource!r} over from {takeover!r} needs the new holder's "
+                    "value: redlock.acquire(resource, ttl, value, takeover=old_value)"
+                )
         attempts = max(1, self.retry_count if retry_count is None else retry_count)
         delay = self.retry_delay if retry_delay is None else _number("retry_delay", retry_delay)
         deadline = None if wait is None else time.monotonic() + _number("wait", wait)
@@ -544,7 +572,7 @@ class Redlock:
                 if wakeup is not None:
                     wakeup.clear()
                 lock, votes, too_slow = self._attempt(
-                    resource, key, token, ttl, ttl_ms, fencing, value is None
+                    resource, key, token, ttl, ttl_ms, fencing, value is None, takeover
                 )
                 if lock is not None:
                     return lock
@@ -631,16 +659,33 @@ class Redlock:
             )
         return _resource(lock), _value(value)
 
-    def release(self, lock: Lock | str, value: str | None = None, *, strict: bool = False) -> bool:
+    def release(
+        self,
+        lock: Lock | str,
+        value: str | None = None,
+        *,
+        strict: bool = False,
+        owner: bool = False,
+    ) -> bool:
         """Release a lock on every node; True when its token still held it on a quorum.
 
         Takes a :class:`Lock`, or a resource name and its token. Only keys
         holding the token are deleted. ``strict=True`` raises
         :class:`LockNotOwned` instead of returning False.
+
+        ``owner=True``: ``value`` names an owner, and a key holding ``value``
+        itself or any token ``"<value>|..."`` (one of the owner's runs) is
+        deleted: how a Celery worker frees the lock of a task it killed,
+        knowing its task id but not the run's token.
         """
         resource, token = self._handle(lock, value)
         key = resource.encode()
-        replies = self._fanout.script(_scripts.RELEASE, (key,), (token,), enough=self._enough_one)
+        if owner:  # rare (a worker freeing a killed task's lock): read every reply
+            replies = self._fanout.script(_scripts.RELEASE_OWNED, (key,), (token,))
+        else:
+            replies = self._fanout.script(
+                _scripts.RELEASE, (key,), (token,), enough=self._enough_one
+            )
         self._held.discard((resource, token))
         self._just_released = (key, time.monotonic())
         deleted = sum(1 for r in replies if _is_one(r))
@@ -697,6 +742,39 @@ class Redlock:
         if strict:
             raise LockExtendError(resource, self._votes(replies, yes))
         return False
+
+    def reassign(self, lock: Lock, value: str, ttl: float) -> bool:
+        """Give a held lock a new token ``value`` and ``ttl`` seconds from now.
+
+        Done on each node where the key still holds the lock's token; True
+        when that was a quorum while the lock was valid, and ``lock`` then
+        carries the new token (and validity). The new holder may be a
+        reservation that a later :meth:`acquire` with ``takeover=value``
+        takes over: a Celery task keeps its lock under its task id between a
+        run and its retry this way.
+        """
+        new_value = _value(value)
+        ttl_ms = _ttl_ms(ttl)
+        ttl = ttl_ms / 1000.0
+        start = time.monotonic()
+        known = lock.expires_at
+        if known is not None and start >= known:
+            return False
+        replies = self._fanout.script(
+            _scripts.REASSIGN, (lock.resource.encode(),), (lock.value, new_value, ttl_ms)
+        )
+        now = time.monotonic()
+        yes = sum(1 for r in replies if _is_one(r))
+        validity = ttl - (now - start) - (self.drift_factor * ttl + DRIFT_CONSTANT)
+        if yes < self.quorum or validity <= 0 or (known is not None and now >= known):
+            return False
+        if (lock.resource, lock.value) in self._held:
+            self._held.discard((lock.resource, lock.value))
+            self._held.add((lock.resource, new_value))
+        lock.value = new_value
+        lock.validity = validity
+        lock.expires_at = start + ttl - (self.drift_factor * ttl + DRIFT_CONSTANT)
+        return True
 
     def inspect(self, resource: str) -> LockInfo:
         """Read who holds ``resource`` on each node, and for how long."""

@@ -35,6 +35,10 @@ Handlers connected on Celery's signals (each with a ``dispatch_uid``):
 - ``task_failure`` (main worker process): release the lock of a task whose
   child process died (``WorkerLostError``, at once) or hit its hard time limit
   (:data:`SIGNALLED_RELEASE_DELAY` later: Celery reports it before the kill).
+- :class:`RedlockRequest` (the worker's request class of a ``RedlockTask``,
+  main worker process): the same for a lost child whose message Celery
+  requeues (``acks_late`` with ``reject_on_worker_lost``) or retries
+  (``retry_on_worker_lost``), where no ``task_failure`` is sent.
 - ``task_postrun`` (the process that ran the task): a safety net; the run
   normally releases before its result is stored.
 - ``worker_init``: add a worker bootstep that validates the ``redlock_*``
@@ -52,8 +56,10 @@ from celery import bootsteps
 from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.signals import task_failure, task_postrun, task_revoked, worker_init
 from celery.utils.dispatch import Signal
+from celery.worker.request import Request
 
 __all__ = [
+    "RedlockRequest",
     "RedlockWorkerStep",
     "connect_handlers",
     "lock_acquired",
@@ -143,6 +149,36 @@ def _on_task_postrun(
     task = task if task is not None else sender
     if _is_redlock_task(task):
         task._redlock_after_run(state)
+
+
+class RedlockRequest(Request):  # type: ignore[misc]
+    """The request class of :class:`~celery_redlock.task.RedlockTask` (main worker process).
+
+    When the child running the task is lost, frees the task's lock at once,
+    whatever Celery does with the message next: with ``acks_late`` and
+    ``reject_on_worker_lost`` it is requeued and with ``retry_on_worker_lost``
+    retried, and in both cases no ``task_failure`` is sent. The dead run's
+    lock would otherwise keep the key until it expires, while duplicates
+    queued before the new delivery wait for it.
+    """
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        exc = getattr(exc_info, "exception", None)
+        exc = getattr(exc, "exc", exc)  # an ExceptionWithTraceback
+        lost = isinstance(exc, WorkerLostError) or (
+            isinstance(exc, (SystemExit, KeyboardInterrupt))
+            and not getattr(self, "_already_cancelled", False)
+            and not getattr(self, "_already_revoked", False)
+        )
+        if lost and _is_redlock_task(self.task):
+            # The child is gone; free the lock before Celery requeues or retries the
+            # message, so its new delivery never finds the dead run's lock.
+            self.task._redlock_release_by_id(self.id, self.args, self.kwargs, "worker-lost")
+        return super().on_failure(
+            exc_info, send_failed_event=send_failed_event, return_ok=return_ok
+        )
 
 
 class RedlockWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]

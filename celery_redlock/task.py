@@ -12,9 +12,15 @@
     @app.task(base=RedlockTask, redlock_key=("account_id",), redlock_on_duplicate="retry")
     def charge(account_id, amount): ...
 
-The lock's token is the task id; its key is
+The lock's key is
 ``{redlock_key_prefix}{task name}:{sha256 of the canonical arguments}``
-(see :mod:`celery_redlock.keys`).
+(see :mod:`celery_redlock.keys`). Its token is the task id: while a body
+runs, the task id and a mark of that run (``"<task id>|<12 hex>"``), so a
+second delivery of the same message (a broker redelivering it while the first
+delivery still runs) is a duplicate like any other; between a run and its
+retry, and from ``apply_async`` to the run with ``redlock_lock_on="publish"``,
+the bare task id, which the run takes over. Holders are always reported as
+task ids.
 
 The lock's life:
 
@@ -27,25 +33,36 @@ The lock's life:
 - released as soon as the body ends, before the result is stored (so a
   caller woken by ``.get()`` finds the lock free): on success, failure,
   ``Ignore``, ``Reject`` and ``Task.replace()``;
-- kept across ``self.retry()`` and ``autoretry_for`` (the retried run re-enters
-  with the same task id), its TTL set to cover the countdown or ETA; released
-  when the retry changes the arguments, and so the key;
+- kept across ``self.retry()`` and ``autoretry_for``: when the retry is sent
+  (before the message can reach another worker) the lock is handed to the task
+  id, its TTL covering the countdown or ETA, and the retried run takes it over;
+  released when the retry changes the arguments, and so the key. (With
+  ``retry(throw=False)`` the body goes on after handing its lock over.)
 - released by the main worker process (:mod:`celery_redlock.signals`), which
-  computes the key from the request and uses the task id as the token, when
-  the task is revoked with ``terminate=True``, its message expires or is
-  revoked before it runs, its child process dies (``WorkerLostError``), or it
-  hits its hard time limit. A child that was signalled gets half a second to
-  die first; a terminate signal the task survives (a handler of its own)
-  frees the lock while it still runs. With ``acks_late`` and
-  ``reject_on_worker_lost``, a lost child's lock is kept for the redelivered
-  message (same task id). After the whole worker is SIGKILLed, the lock
-  expires within ``redlock_ttl``;
+  computes the key from the request and frees whatever run of the task id
+  holds it, when the task is revoked with ``terminate=True``, its message
+  expires or is revoked before it runs, its child process dies
+  (``WorkerLostError``, also when ``reject_on_worker_lost`` requeues the
+  message or ``retry_on_worker_lost`` retries it: the new delivery contends
+  like any other), or it hits its hard time limit. A child that was signalled
+  gets half a second to die first; a terminate signal the task survives (a
+  handler of its own) frees the lock while it still runs. After the whole
+  worker is SIGKILLed, the lock expires within ``redlock_ttl``;
 - with ``redlock_hold``, the key is left to expire ``redlock_hold`` seconds
   after it was acquired by the run, when the run ends sooner (runs ended by
   the main worker process release at once);
 - with ``redlock_lock_on="publish"``, also taken in ``apply_async`` (so a
   duplicate is not even sent) with the TTL plus any countdown or ETA; a retry
   (same task id) is not a duplicate.
+
+A second delivery of a message whose first delivery still runs (the broker
+redelivered it: an ``acks_late`` task past the Redis transport's
+``visibility_timeout``, or a connection lost before the ack) is a duplicate
+holding its own task id: whatever the policy, it ends without running and
+without a state (``Ignore``), so the running delivery's result is the one
+stored; INFO is logged and :data:`~.signals.lock_skipped` sent with
+``holder`` equal to ``task_id``. (With ``"wait"``, it waits like any
+duplicate, and runs again if the first delivery ends within the wait.)
 
 Duplicates (``redlock_on_duplicate``):
 
@@ -82,6 +99,7 @@ through this class, so it takes no publish-time lock (the run still locks).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import logging
@@ -109,7 +127,7 @@ from .config import (
     validate_value,
 )
 from .exceptions import DuplicateTask, LockNotAcquired, QuorumUnavailable, RedlockConfigError
-from .keys import build_key
+from .keys import build_key, run_token, task_id_of
 from .redlock import Lock, LockInfo, Redlock
 from .signals import lock_acquired, lock_lost, lock_released, lock_skipped
 
@@ -128,6 +146,7 @@ class _Run:
     """One run's lock: what ``before_start`` took and the end of the run gives back."""
 
     key: str
+    task_id: str
     token: str
     settings: RedlockSettings
     manager: Redlock | None = None
@@ -181,6 +200,11 @@ class RedlockTask(Task):  # type: ignore[misc]
 
     #: Marks the tasks the plugin's signal handlers act on.
     __redlock_task__: ClassVar[bool] = True
+
+    #: The worker's request class: frees the lock of a lost child also when
+    #: Celery requeues or retries its message. A task that sets its own must
+    #: subclass :class:`celery_redlock.signals.RedlockRequest`.
+    Request = "celery_redlock.signals:RedlockRequest"
 
     #: Redis masters holding the locks: one URL or a list (``redis://``,
     #: ``rediss://``, ``unix://``, ``"host:port"``, or ``redis.Redis`` clients).
@@ -279,7 +303,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         ``.ttl_left`` the seconds left; for dashboards and tests.
         """
         settings = self.redlock_settings
-        return get_redlock(settings).inspect(self.redlock_key_for(args, kwargs))
+        return _by_task_id(get_redlock(settings).inspect(self.redlock_key_for(args, kwargs)))
 
     @property
     def redlock_lost(self) -> bool:
@@ -294,33 +318,44 @@ class RedlockTask(Task):  # type: ignore[misc]
     # -- acquiring --------------------------------------------------------------
 
     def _redlock_take(
-        self, key: str, token: str, ttl: float, settings: RedlockSettings
+        self,
+        key: str,
+        token: str,
+        ttl: float,
+        settings: RedlockSettings,
+        takeover: str | None = None,
     ) -> tuple[Redlock | None, Lock | LockInfo | LockNotAcquired]:
-        """Try to take ``key``: the lock, the holder's info (a duplicate), or the failure."""
+        """Try to take ``key``: the lock, the holder's info (a duplicate), or the failure.
+
+        ``takeover``: the task id, whose reservation a run's token takes over.
+        The info's holder is a task id.
+        """
         try:
             manager = get_redlock(settings)
         except QuorumUnavailable as exc:
             return None, LockNotAcquired(key, exc.votes, 0, message=f"lock {key!r}: {exc}")
         if settings.on_duplicate == "wait":
             try:
-                return manager, manager.acquire(key, ttl, token, wait=settings.wait_for)
+                return manager, manager.acquire(
+                    key, ttl, token, wait=settings.wait_for, takeover=takeover
+                )
             except LockNotAcquired as exc:
-                return manager, exc if exc.unavailable else manager.inspect(key)
+                return manager, exc if exc.unavailable else _by_task_id(manager.inspect(key))
         attempts = max(1, settings.retry_count)
         failure: LockNotAcquired | None = None
         for attempt in range(attempts):
             try:
-                return manager, manager.acquire(key, ttl, token, retry_count=0)
+                return manager, manager.acquire(key, ttl, token, retry_count=0, takeover=takeover)
             except LockNotAcquired as exc:
                 failure = exc
                 if not exc.unavailable:
                     info = manager.inspect(key)
-                    if info.holder is not None and info.holder != token:
-                        return manager, info  # held on a quorum by another run
+                    if info.holder is not None and info.holder not in (token, takeover):
+                        return manager, _by_task_id(info)  # held on a quorum by another run
             if attempt + 1 < attempts:  # split votes or failing nodes: try again
                 time.sleep(random.uniform(0, settings.retry_delay))
         assert failure is not None
-        return manager, failure if failure.unavailable else manager.inspect(key)
+        return manager, failure if failure.unavailable else _by_task_id(manager.inspect(key))
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Take the lock before the body runs (Celery calls this inside the traced block).
@@ -330,10 +365,10 @@ class RedlockTask(Task):  # type: ignore[misc]
         super().before_start(task_id, args, kwargs)
         settings = self.redlock_settings
         key = self.redlock_key_for(args, kwargs)
-        run = _Run(key, task_id, settings)
+        run = _Run(key, task_id, run_token(task_id), settings)
         setattr(self.request, _RUN_ATTR, run)
         started = time.monotonic()
-        manager, outcome = self._redlock_take(key, task_id, settings.ttl, settings)
+        manager, outcome = self._redlock_take(key, run.token, settings.ttl, settings, task_id)
         run.manager = manager
         if isinstance(outcome, Lock):
             self._redlock_hold_lock(run, outcome, time.monotonic() - started)
@@ -352,7 +387,7 @@ class RedlockTask(Task):  # type: ignore[misc]
                 )
             lock_acquired.send(
                 sender=self,
-                task_id=run.token,
+                task_id=run.task_id,
                 key=run.key,
                 ttl=run.settings.ttl,
                 validity=lock.validity,
@@ -365,24 +400,40 @@ class RedlockTask(Task):  # type: ignore[misc]
     def _redlock_duplicate(self, run: _Run, info: LockInfo) -> None:
         settings = run.settings
         policy = settings.on_duplicate
-        if policy == "skip":
+        again = info.holder == run.task_id
+        if again or policy == "skip":
+            # ``again``: another delivery of this very message is running (a broker
+            # redelivered it); that one stores the result, this one ends without a state.
             run.skipped = True
-            _log.info(
-                "task %s[%s] skipped: lock %s is held by task %s (%s s left)",
-                self.name,
-                run.token,
-                run.key,
-                info.holder,
-                _seconds(info.ttl_left),
-            )
+            run.done = again
+            if again:
+                _log.info(
+                    "task %s[%s] delivered again while its first delivery runs (lock %s, "
+                    "%s s left): this delivery is dropped",
+                    self.name,
+                    run.task_id,
+                    run.key,
+                    _seconds(info.ttl_left),
+                )
+            else:
+                _log.info(
+                    "task %s[%s] skipped: lock %s is held by task %s (%s s left)",
+                    self.name,
+                    run.task_id,
+                    run.key,
+                    info.holder,
+                    _seconds(info.ttl_left),
+                )
             lock_skipped.send(
                 sender=self,
-                task_id=run.token,
+                task_id=run.task_id,
                 key=run.key,
                 holder=info.holder,
                 ttl_left=info.ttl_left,
                 when="run",
             )
+            if again:
+                raise Ignore()
             return
         error = DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
         if policy == "retry":
@@ -394,7 +445,7 @@ class RedlockTask(Task):  # type: ignore[misc]
             _log.warning(
                 "task %s[%s] runs WITHOUT its lock %s (redlock_on_unavailable='run'): %s",
                 self.name,
-                run.token,
+                run.task_id,
                 run.key,
                 error,
             )
@@ -426,11 +477,11 @@ class RedlockTask(Task):  # type: ignore[misc]
             "task %s[%s] lost its lock %s after %.1f s: another run may start; "
             "check the Redis nodes and redlock_ttl",
             self.name,
-            run.token,
+            run.task_id,
             run.key,
             held_for,
         )
-        lock_lost.send(sender=self, task_id=run.token, key=run.key, held_for=held_for)
+        lock_lost.send(sender=self, task_id=run.task_id, key=run.key, held_for=held_for)
 
     # -- running ----------------------------------------------------------------
 
@@ -482,8 +533,8 @@ class RedlockTask(Task):  # type: ignore[misc]
         if lock is None or manager is None:
             return
         if reason == "replaced" and self._redlock_same_work(run, run.replaced_by):
-            # The replacement has this task id and key: it re-enters the lock.
-            manager.extend(lock, run.settings.ttl)
+            # The replacement has this task id and key: it takes the lock over.
+            manager.reassign(lock, run.task_id, run.settings.ttl)
             return
         held_for = time.monotonic() - run.acquired_at
         hold_left = run.settings.hold - held_for
@@ -494,7 +545,7 @@ class RedlockTask(Task):  # type: ignore[misc]
             manager.release(lock)
         lock_released.send(
             sender=self,
-            task_id=run.token,
+            task_id=run.task_id,
             key=run.key,
             reason=reason,
             held_for=held_for,
@@ -511,38 +562,68 @@ class RedlockTask(Task):  # type: ignore[misc]
             return False
 
     def _redlock_keep_for_retry(self, run: _Run, retry: Retry) -> None:
-        """Keep the lock for the retried run (same task id), its TTL covering the delay."""
+        """Keep the lock for the retried run (same task id), its TTL covering the delay.
+
+        A retry sent by a worker was handed the lock in :meth:`apply_async`; this
+        covers the rest (eager runs, whose retry is run by ``apply``).
+        """
         if run.done:
             return
         sig = getattr(retry, "sig", None)
         if sig is not None and not self._redlock_same_work(run, sig):
             self._redlock_end(run, "retry-new-arguments")
             return
+        self._redlock_hand_over(run, _seconds_until(retry.when))
+
+    def _redlock_hand_over(self, run: _Run, delay: float) -> None:
+        """End the run's hold, leaving the lock to its task id for ``redlock_ttl + delay``."""
         run.done = True
         if run.watch is not None:
             run.watch.cancel()
-        if run.lock is not None and run.manager is not None:
-            run.manager.extend(run.lock, run.settings.ttl + _seconds_until(retry.when))
+        if run.lock is None or run.manager is None:
+            return
+        if not run.manager.reassign(run.lock, run.task_id, run.settings.ttl + delay):
+            _log.warning(
+                "task %s[%s]: its lock %s could not be kept for the retry (lost or nodes "
+                "down); the retried run takes it like any other",
+                self.name,
+                run.task_id,
+                run.key,
+            )
+
+    def _redlock_own_run(self, task_id: str | None, key: str) -> _Run | None:
+        """The running run holding ``key`` for ``task_id``: it is sending its own retry."""
+        if task_id is None:
+            return None
+        request = self.request_stack.top
+        run = getattr(request, _RUN_ATTR, None) if request is not None else None
+        if (
+            isinstance(run, _Run)
+            and not run.done
+            and run.lock is not None
+            and run.task_id == task_id
+            and run.key == key
+        ):
+            return run
+        return None
 
     def _redlock_after_run(self, state: str | None) -> None:
         """``task_postrun``: release a lock the run did not (a safety net)."""
         run = getattr(self.request, _RUN_ATTR, None)
         if isinstance(run, _Run) and not run.done:
             if state == "RETRY":
-                run.done = True
-                if run.watch is not None:
-                    run.watch.cancel()
+                self._redlock_hand_over(run, 0.0)
                 return
             self._redlock_end(run, f"postrun:{(state or 'failure').lower()}")
 
     # -- main worker process --------------------------------------------------
 
     def _redlock_release_by_id(self, task_id: str, args: Any, kwargs: Any, reason: str) -> bool:
-        """Release the lock held by task ``task_id`` (its token), from any process."""
+        """Release the lock held by any run of task ``task_id``, from any process."""
         try:
             key = self.redlock_key_for(args, kwargs)
             manager = get_redlock(self.redlock_settings)
-            released = manager.release(key, task_id)
+            released = manager.release(key, task_id, owner=True)
         except Exception as exc:
             _log.warning(
                 "could not release the lock of task %s[%s] (%s): %s; it expires by its TTL",
@@ -580,7 +661,9 @@ class RedlockTask(Task):  # type: ignore[misc]
         """Send the task; with ``redlock_lock_on="publish"``, take its lock first.
 
         The key is computed here in every case, so arguments that cannot be
-        encoded fail now, naming the argument.
+        encoded fail now, naming the argument. A run sending itself again (a
+        retry, or a replacement by the same call) hands its lock to its task
+        id first, so the new message finds it reserved wherever it lands.
         """
         settings = self.redlock_settings
         key = self.redlock_key_for(args, kwargs)
@@ -593,6 +676,17 @@ class RedlockTask(Task):  # type: ignore[misc]
             link_error=link_error,
             shadow=shadow,
         )
+        own = self._redlock_own_run(task_id, key)
+        if own is not None:
+            assert own.manager is not None
+            assert task_id is not None
+            delay = _seconds_until(options.get("countdown") or options.get("eta"))
+            self._redlock_hand_over(own, delay)
+            try:
+                return send(task_id=task_id, **options)
+            except BaseException:
+                own.manager.release(key, task_id)
+                raise
         if settings.lock_on != "publish":
             return send(task_id=task_id, **options)
         task_id = task_id or uuid()
@@ -661,6 +755,12 @@ class RedlockTask(Task):  # type: ignore[misc]
                 task_id=task_id, countdown=_jitter(info.ttl_left or settings.ttl), **options
             )
         raise DuplicateTask(key, info.holder, info.ttl_left, self.name)
+
+
+def _by_task_id(info: LockInfo) -> LockInfo:
+    """``info`` with its holder as a task id (a run's token carries a mark after it)."""
+    holder = task_id_of(info.holder)
+    return info if holder == info.holder else dataclasses.replace(info, holder=holder)
 
 
 def _run_signature_of(cls: type) -> Any:

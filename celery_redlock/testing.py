@@ -2,17 +2,27 @@
 
 Needs ``fakeredis`` with Lua (``pip install "fakeredis[lua]"``)::
 
-    from celery_redlock.testing import fake_redlock, lock_holder
+    from celery_redlock.testing import fake_redlock, lock_holder, node_down
 
     def test_sync_is_skipped_while_running(app):
         app.conf.task_always_eager = True
-        with fake_redlock(app):
+        with fake_redlock(app) as nodes:
             assert lock_holder(sync_account, 42) is None
             sync_account.delay(42)
+            with node_down(*nodes[:2]):  # no quorum: LockNotAcquired
+                ...
 
 Each fake node is a separate in-memory server, so quorum logic runs as in
 production; nothing leaves the process. Eager runs (``task_always_eager`` or
 ``.apply()``) lock exactly as a worker's runs do.
+
+A node taken down (:func:`node_down`, :func:`stop_node`) refuses every
+connection and command with ``redis.ConnectionError``, as a stopped server
+does, and keeps its data. A node brought back is used again at once: the
+cool-down during which a lock manager skips a failed node is ended for it.
+
+With pytest, :func:`fake_redlock_fixture` makes a fixture of
+:func:`fake_redlock` for your conftest. pytest is imported only then.
 """
 
 from __future__ import annotations
@@ -21,10 +31,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ._nodes import _FANOUTS, parse_server
 from .config import forget_managers, get_redlock
 from .exceptions import RedlockConfigError
+from .keys import task_id_of
 
-__all__ = ["fake_redlock", "fake_servers", "lock_holder", "reset_settings"]
+__all__ = [
+    "fake_redlock",
+    "fake_redlock_fixture",
+    "fake_servers",
+    "lock_holder",
+    "node_down",
+    "node_name",
+    "reset_settings",
+    "start_node",
+    "stop_node",
+]
 
 
 def fake_servers(count: int = 3) -> list[Any]:
@@ -67,5 +89,90 @@ def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
 def lock_holder(task: Any, *args: Any, **kwargs: Any) -> str | None:
     """The task id holding ``task``'s lock for these arguments, or None."""
     key = task.redlock_key_for(args, kwargs)
-    holder: str | None = get_redlock(task.redlock_settings).holder(key)
-    return holder
+    return task_id_of(get_redlock(task.redlock_settings).holder(key))
+
+
+# -- nodes that go down ---------------------------------------------------------
+
+
+def _fake_server(node: Any) -> Any:
+    """The fakeredis server behind the client ``node``; TypeError for anything else."""
+    kwargs = getattr(getattr(node, "connection_pool", None), "connection_kwargs", None)
+    server = kwargs.get("server") if isinstance(kwargs, dict) else None
+    if server is None or not hasattr(server, "connected"):
+        raise TypeError(
+            f"{node!r} is not a fake node; give a client fake_redlock() or fake_servers() made"
+        )
+    return server
+
+
+def node_name(node: Any) -> str:
+    """The name lock managers give ``node`` in votes, errors and logs."""
+    return parse_server(node).name
+
+
+def stop_node(node: Any) -> None:
+    """Take the fake node ``node`` down until :func:`start_node`.
+
+    Every connection and command to it then fails with
+    ``redis.ConnectionError``, as with a stopped server; its data is kept.
+    """
+    _fake_server(node).connected = False
+
+
+def start_node(node: Any) -> None:
+    """Bring the fake node ``node`` back, with the data it had.
+
+    A lock manager skips a node that failed for a cool-down (up to a second);
+    this ends it for ``node`` in every manager of the process, so the next
+    call uses the node again.
+    """
+    server = _fake_server(node)
+    server.connected = True
+    for fanout in list(_FANOUTS):
+        for known, health in zip(fanout.nodes, fanout._health):
+            if dict(known.connection_kwargs).get("server") is server:
+                health.down_until = 0.0
+
+
+@contextmanager
+def node_down(*nodes: Any) -> Iterator[None]:
+    """Take the fake ``nodes`` down for the block, then bring them back.
+
+    ``with node_down(*nodes[:2]):`` leaves one node of three: no quorum, so a
+    RedlockTask run fails with LockNotAcquired (``redlock_on_unavailable=
+    "fail"``) or runs unlocked (``"run"``). A node already down when the
+    block starts stays down after it. No nodes: nothing changes.
+    """
+    servers = [_fake_server(node) for node in nodes]
+    stopped = [node for node, server in zip(nodes, servers) if server.connected]
+    for node in stopped:
+        stop_node(node)
+    try:
+        yield
+    finally:
+        for node in stopped:
+            start_node(node)
+
+
+def fake_redlock_fixture(app: Any, count: int = 3) -> Any:
+    """A pytest fixture running each test that asks for it inside :func:`fake_redlock`.
+
+    ``app`` is the Celery app, or the name of the fixture that gives it. The
+    fixture yields the fake nodes and restores the app's configuration after
+    the test. Its name is the one you assign it to, in a conftest.py::
+
+        from celery_redlock.testing import fake_redlock_fixture
+
+        redlock_nodes = fake_redlock_fixture("celery_app")
+
+        def test_sync(celery_app, redlock_nodes): ...
+    """
+    import pytest
+
+    def fixture(request: Any) -> Iterator[list[Any]]:
+        target = request.getfixturevalue(app) if isinstance(app, str) else app
+        with fake_redlock(target, count) as nodes:
+            yield nodes
+
+    return pytest.fixture(fixture)

@@ -55,7 +55,7 @@ import types
 from celery import Celery
 
 from celery_redlock import RedlockConfigError, RedlockTask
-from celery_redlock.config import get_redlock, validate_app
+from celery_redlock.config import validate_app
 
 # -- proj/settings.py (here a plain object with the same names) ---------------
 settings = types.SimpleNamespace(
@@ -78,7 +78,7 @@ app.config_from_object(settings, namespace="CELERY")
 @app.task(base=RedlockTask, bind=True, name="proj.refresh_feed")
 def refresh_feed(self: RedlockTask, feed_id: int) -> str:
     key = self.redlock_key_for((feed_id,))
-    mine = get_redlock(self.redlock_settings).holder(key) == self.request.id
+    mine = self.redlock_info((feed_id,)).holder == self.request.id
     return f"refresh_feed({feed_id}) ran holding its lock {key} -> {mine}"
 
 

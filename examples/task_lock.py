@@ -34,6 +34,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from celery_redlock import Redlock, RedlockTask
+from celery_redlock.keys import task_id_of
 from celery_redlock.signals import lock_skipped
 
 BROKER = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/1")
@@ -65,7 +66,8 @@ def remember_skip(sender: Any, task_id: str, holder: str | None, **_: Any) -> No
 
 def wait_until_held(key: str, rl: Redlock, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
-    while (holder := rl.holder(key)) is None:
+    # A running task's token is its task id and a mark of the run: task_id_of reads the id.
+    while (holder := task_id_of(rl.holder(key))) is None:
         if time.monotonic() > deadline:
             raise SystemExit(f"nobody took {key} within {timeout} s: is the worker running?")
         time.sleep(0.05)

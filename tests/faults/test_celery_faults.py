@@ -1,17 +1,18 @@
 """Scenarios 9-14: RedlockTask in real ``celery worker -P prefork`` workers, under faults.
 
 9. a worker child SIGKILLed mid-task (WorkerLostError); with ``acks_late`` and
-   ``reject_on_worker_lost`` the message comes back (same task id) and re-enters;
+   ``reject_on_worker_lost`` the lock is freed and the message comes back (same
+   task id) and runs again;
 10. the whole worker SIGKILLed mid-task: the lock is gone within ``redlock_ttl``,
     a worker started afterwards runs the redelivered message;
 11. ``revoke(terminate=True)`` mid-task;
 12. the Redis broker SIGKILLed and restarted mid-run (AOF, ``appendfsync always``);
 13. a hard ``time_limit`` hit by a task deaf to SIGTERM;
 14. bad input: unserialisable arguments, a 10 MB argument, a bad task setting;
-9b. (a gap, ``xfail``) an acks_late run's child SIGKILLed with duplicates queued
-    behind it: the key stalls for the whole TTL;
-10b. (a bug, ``xfail``) an acks_late message delivered again while its first
-    delivery still runs: both deliveries hold the lock, their bodies overlap.
+9b. an acks_late run's child SIGKILLed with duplicates queued behind it: the
+    key goes on at once (it used to stall for the whole TTL);
+10b. an acks_late message delivered again while its first delivery still runs:
+    the later deliveries are kept out (their bodies used to overlap).
 
 Tasks: tests/faults/celery_fault_app.py (duplicates of one key wait for the
 lock, so every message runs its body). Every body appends its interval to the
@@ -56,6 +57,7 @@ from celery.result import AsyncResult
 from celery.states import READY_STATES
 
 from celery_redlock import Redlock, RedlockConfigError
+from celery_redlock.keys import task_id_of
 from tests.faults.celery_fault_app import (
     LATE10_TTL,
     SHORT_TTL,
@@ -477,6 +479,8 @@ def finish(tally: Tally, rl: Redlock, settle: float, key_grace: float = 1.0) -> 
     keys = sorted(tally.lock_keys)
     wait_for(lambda: not lock_holders(rl, keys), key_grace, 0.05)
     left = lock_holders(rl, keys)
+    for key in left:
+        print(f"left: {key} {rl.inspect(key)}")
     holds = tally.holds()
     tally.close()
     return Outcome(
@@ -622,9 +626,11 @@ def test_child_sigkilled_mid_task_frees_the_lock_at_once(
     waiting = [tally.publish("wait", key, 0.1) for _ in range(2)]
     body = tally.body_of(victim.id)
     lock_key = pair.task("wait").redlock_key_for((key, 0), {})
-    assert rl.holder(lock_key) == victim.id
+    assert task_id_of(rl.holder(lock_key)) == victim.id
     killed = kill_child(tally, body.pid)
-    assert wait_for(lambda: rl.holder(lock_key) != victim.id, WORKER_LOST_WITHIN, 0.01), pair.logs()
+    assert wait_for(
+        lambda: task_id_of(rl.holder(lock_key)) != victim.id, WORKER_LOST_WITHIN, 0.01
+    ), pair.logs()
     freed = time.monotonic() - killed
     for result in waiting:
         assert isinstance(result.get(timeout=NEXT_RUN_WITHIN), int)
@@ -636,12 +642,12 @@ def test_child_sigkilled_mid_task_frees_the_lock_at_once(
     record(row(SCENARIO_9, outcome, 1, f"freed {freed:.2f} s after the kill"), report=False)
 
 
-def test_child_sigkilled_with_acks_late_is_redelivered_and_re_enters(
+def test_child_sigkilled_with_acks_late_is_redelivered_and_runs_again(
     pair: Scene, rl: Redlock, clean: list[str]
 ) -> None:
-    """acks_late + reject_on_worker_lost: the message comes back with the same task id,
-    re-enters the lock and runs to completion; the waiting duplicates and the next run
-    go ahead."""
+    """acks_late + reject_on_worker_lost: the main worker process frees the dead run's
+    lock before Celery requeues the message; it comes back with the same task id and
+    runs to completion; the waiting duplicates and the next run go ahead."""
     tally = Tally(pair)
     key = tally.key("late")
     victim = tally.publish("late", key, 1.0)
@@ -660,16 +666,6 @@ def test_child_sigkilled_with_acks_late_is_redelivered_and_re_enters(
     record(row(SCENARIO_9, outcome, 1, "redelivered (acks_late)"), report=False)
 
 
-@pytest.mark.slow  # a known gap, shown by make faults
-@pytest.mark.xfail(
-    strict=True,
-    reason="with acks_late + reject_on_worker_lost the main process keeps a lost child's "
-    "lock for the redelivered message (signals._on_task_failure gets no WorkerLostError: "
-    "Celery requeues instead), but the Redis transport puts that message at the END of "
-    "the queue: duplicates queued before it take every pool process waiting for the "
-    "lock, and the key stalls until the dead run's lock expires (the whole redlock_ttl: "
-    "29.5 s with the default 30 s)",
-)
 def test_child_sigkilled_with_acks_late_behind_waiting_duplicates_key_goes_on(
     pair: Scene, rl: Redlock, clean: list[str]
 ) -> None:
@@ -691,7 +687,7 @@ def test_child_sigkilled_with_acks_late_behind_waiting_duplicates_key_goes_on(
     notes = (
         f"acks_late run killed with 6 duplicates queued behind it (TTL {LATE10_TTL:.0f} s): "
         f"the next body began {stall:.1f} s after the kill"
-        + (" (KNOWN GAP: the key waits for the TTL)" if stall >= WORKER_LOST_WITHIN else "")
+        + (" (the key waited for the TTL)" if stall >= WORKER_LOST_WITHIN else "")
     )
     record(row(SCENARIO_9B, outcome, 1, notes))
     assert_sound(outcome, pair)
@@ -763,7 +759,7 @@ def test_children_sigkilled_under_load(pair: Scene, rl: Redlock, clean: list[str
     notes = (
         f"200 runs (half acks_late, TTL {SHORT_TTL:.0f} s) of 3 keys, 2 workers x 2 "
         f"processes; {outcome.failures['WorkerLostError']} ended WorkerLostError, "
-        f"{redelivered(outcome)} redelivered and re-entered; longest time no body ran "
+        f"{redelivered(outcome)} redelivered and ran again; longest time no body ran "
         f"{longest_stall(outcome):.1f} s; {dict(outcome.states)}"
     )
     record(row(SCENARIO_9, outcome, len(injector.faults), notes))
@@ -813,7 +809,7 @@ def test_whole_worker_sigkilled_lock_expires_and_message_comes_back(
     body = tally.body_of(victim.id)
     lock_key = doomed.task("short").redlock_key_for((key, 0), {})
     time.sleep(1.0)  # renewed at least once
-    assert rl.holder(lock_key) == victim.id
+    assert task_id_of(rl.holder(lock_key)) == victim.id
     pids = [s.pid for s in tally.open_starts()]
     killed = worker.kill()
     tally.killed(pids, killed)
@@ -914,15 +910,7 @@ def impatient(
         scene.stop()
 
 
-@pytest.mark.slow  # a known gap, shown by make faults
-@pytest.mark.xfail(
-    strict=True,
-    reason="the lock token is the task id and ACQUIRE lets the same token re-enter "
-    "(_scripts.ACQUIRE, task.RedlockTask._redlock_take): a second delivery of a message "
-    "that is still running (Redis visibility_timeout shorter than the task, or any "
-    "broker redelivering an unacked message) takes the lock and runs its body alongside",
-)
-def test_a_message_delivered_twice_runs_its_body_twice_at_once(
+def test_a_message_delivered_twice_never_runs_two_bodies_at_once(
     impatient: Scene, rl: Redlock, clean: list[str]
 ) -> None:
     """One acks_late run of 7 s, visibility_timeout 2 s: the Redis transport delivers the
@@ -944,10 +932,10 @@ def test_a_message_delivered_twice_runs_its_body_twice_at_once(
         f"visibility_timeout {SHORT_VISIBILITY:.0f} s, one {TWICE_BODY:.0f} s acks_late run "
         f"delivered {len(outcome.holds)} times; "
         + (
-            "KNOWN GAP: each delivery re-enters the lock (its token is the task id) and the "
-            "bodies run at once; the first to end releases the lock under the others"
+            "BUG: deliveries of one message ran their bodies at once"
             if outcome.verdict.overlaps
-            else "the later deliveries were kept out while the first ran"
+            else "the later deliveries were kept out while the first ran (policy wait: "
+            "they ran after it)"
         )
     )
     record(row(SCENARIO_10B, outcome, 1, notes))
@@ -972,11 +960,13 @@ def test_revoke_terminate_frees_the_lock_at_once(
     waiting = [tally.publish("wait", key, 0.1) for _ in range(2)]
     body = tally.body_of(victim.id)
     lock_key = pair.task("wait").redlock_key_for((key, 0), {})
-    assert rl.holder(lock_key) == victim.id
+    assert task_id_of(rl.holder(lock_key)) == victim.id
     revoked = time.monotonic()
     pair.app.control.revoke(victim.id, terminate=True)
     over = tally.over(body)
-    assert wait_for(lambda: rl.holder(lock_key) != victim.id, RELEASED_WITHIN, 0.01), pair.logs()
+    assert wait_for(lambda: task_id_of(rl.holder(lock_key)) != victim.id, RELEASED_WITHIN, 0.01), (
+        pair.logs()
+    )
     freed = time.monotonic() - revoked
     for result in waiting:
         assert isinstance(result.get(timeout=NEXT_RUN_WITHIN), int)
@@ -1144,9 +1134,11 @@ def test_hard_time_limit_frees_the_lock(pair: Scene, rl: Redlock, clean: list[st
     waiting = tally.publish("limited", key, 0.1, time_limit=WAITER_TIME_LIMIT)
     body = tally.body_of(victim.id)
     lock_key = pair.task("limited").redlock_key_for((key, 0), {})
-    assert rl.holder(lock_key) == victim.id
+    assert task_id_of(rl.holder(lock_key)) == victim.id
     died = tally.died(body.pid, TIME_LIMIT + 10)
-    assert wait_for(lambda: rl.holder(lock_key) != victim.id, RELEASED_WITHIN, 0.01), pair.logs()
+    assert wait_for(lambda: task_id_of(rl.holder(lock_key)) != victim.id, RELEASED_WITHIN, 0.01), (
+        pair.logs()
+    )
     freed = time.monotonic() - died
     assert isinstance(waiting.get(timeout=NEXT_RUN_WITHIN), int)
     next_run_goes_ahead(tally, "limited", key)

@@ -243,7 +243,7 @@ def test_django_settings_resolve_through_the_celery_namespace(env: dict[str, str
     assert re.fullmatch(r"proj:lock:proj\.refresh_feed:[0-9a-f]{64} -> True", held)
     typo = line_after(lines, "a worker with CELERY_REDLOCK_TTL_SECONDS refuses to start: ")
     assert typo.startswith("CELERY_REDLOCK_TTL_SECONDS is not a celery_redlock setting")
-    assert "did you mean redlock_ttl?" in typo
+    assert "did you mean CELERY_REDLOCK_TTL?" in typo
 
 
 def test_fencing_token_refuses_the_paused_holders_late_write(env: dict[str, str]) -> None:

@@ -606,3 +606,97 @@ def test_the_database_number_in_a_url_is_used(
             assert node.client(db=3).get("in-db-3") == lock.value.encode()
             assert node.client(db=0).get("in-db-3") is None
         assert rl.release(lock) is True
+
+
+# -- takeover, reassign, release by owner (how a task keeps its lock across a retry) --
+
+
+def test_takeover_replaces_only_the_named_token_and_a_reservation_keeps_others_out(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    run = rl.acquire("job", 10, "task-1|aaaaaaaaaaaa")
+    assert rl.reassign(run, "task-1", 20)
+    assert run.value == "task-1"
+    assert run.validity > 19
+    assert [c.get("job") for c in clients] == [b"task-1"] * N
+    assert all(19_000 < c.pttl("job") <= 20_000 for c in clients)
+    # Another delivery's run (same task id, its own mark) cannot re-enter a running
+    # token, nor can another task take the reservation...
+    with pytest.raises(LockNotAcquired):
+        rl.acquire("job", 10, "task-2|bbbbbbbbbbbb", retry_count=0, takeover="task-2")
+    # ...but the retried run of task-1 takes it over, under its own token.
+    retried = rl.acquire("job", 10, "task-1|cccccccccccc", retry_count=0, takeover="task-1")
+    assert [c.get("job") for c in clients] == [b"task-1|cccccccccccc"] * N
+    assert all(c.pttl("job") <= 10_000 for c in clients)
+    with pytest.raises(LockNotAcquired):  # a second delivery of task-1 meanwhile
+        rl.acquire("job", 10, "task-1|dddddddddddd", retry_count=0, takeover="task-1")
+    assert rl.release(retried)
+    assert [c.get("job") for c in clients] == [None] * N
+
+
+def test_takeover_with_fencing_gives_a_higher_fence(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    first = rl.acquire("fenced", 10, "t|aaaaaaaaaaaa", fencing=True)
+    assert rl.reassign(first, "t", 10)
+    second = rl.acquire("fenced", 10, "t|bbbbbbbbbbbb", fencing=True, takeover="t")
+    assert first.fence is not None
+    assert second.fence is not None
+    assert second.fence > first.fence
+    assert [c.get("fenced") for c in clients] == [b"t|bbbbbbbbbbbb"] * N
+
+
+def test_reassign_fails_for_a_lock_no_longer_held(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    lock = rl.acquire("gone", 10, "mine")
+    for c in clients[:3]:
+        c.set("gone", "someone-else")
+    assert not rl.reassign(lock, "mine-later", 10)
+    assert lock.value == "mine"
+    assert [c.get("gone") for c in clients] == [b"someone-else"] * 3 + [b"mine-later"] * 2
+
+
+def test_release_by_owner_frees_any_run_of_the_owner_and_nothing_else(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    rl.acquire("a", 10, "task-1|aaaaaaaaaaaa")
+    rl.acquire("b", 10, "task-1")
+    rl.acquire("c", 10, "task-10|aaaaaaaaaaaa")  # another task whose id starts alike
+    rl.acquire("d", 10, "task-1x")
+    assert not rl.release("a", "task-1")  # the exact token only, by default
+    assert rl.release("a", "task-1", owner=True)
+    assert rl.release("b", "task-1", owner=True)
+    assert not rl.release("c", "task-1", owner=True)
+    assert not rl.release("d", "task-1", owner=True)
+    assert [c.get("a") for c in clients] == [None] * N
+    assert [c.get("b") for c in clients] == [None] * N
+    assert [c.get("c") for c in clients] == [b"task-10|aaaaaaaaaaaa"] * N
+    assert [c.get("d") for c in clients] == [b"task-1x"] * N
+
+
+def test_takeover_needs_a_value(managers: Callable[..., Redlock]) -> None:
+    rl = managers()
+    with pytest.raises(RedlockConfigError, match="needs the new holder's value"):
+        rl.acquire("x", 10, takeover="task-1")
+
+
+def test_takeover_where_only_some_nodes_hold_the_reservation_leaves_none_behind(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    for c in clients[:2]:  # a reservation on a minority (the others lost it, or never had it)
+        c.set("part", "task-1", px=20_000)
+    lock = rl.acquire("part", 10, "task-1|aaaaaaaaaaaa", retry_count=0, takeover="task-1")
+    assert [c.get("part") for c in clients] == [b"task-1|aaaaaaaaaaaa"] * N
+    assert rl.release(lock)
+    assert [c.get("part") for c in clients] == [None] * N
+    for c in clients[:2]:  # a minority held by someone else: granted by the rest
+        c.set("part", "task-2|bbbbbbbbbbbb", px=20_000)
+    lock = rl.acquire("part", 10, "task-1|cccccccccccc", retry_count=0, takeover="task-1")
+    assert [c.get("part") for c in clients][2:] == [b"task-1|cccccccccccc"] * 3
+    rl.release(lock)

@@ -28,6 +28,7 @@ from celery.signals import task_retry
 
 from celery_redlock import Redlock
 from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
+from celery_redlock.keys import task_id_of
 from celery_redlock.signals import lock_acquired, lock_lost, lock_released, lock_skipped
 from celery_redlock.task import RedlockTask
 from tests.integration.celery_apps.helpers import overlaps, server_url, wait_for
@@ -132,6 +133,13 @@ def define_tasks(app: Celery, dead: str) -> SimpleNamespace:
         body(self, tag, wait=False)
         if self.request.retries == 0:
             raise self.retry(countdown=countdown)
+        return int(self.request.retries)
+
+    @app.task(base=RedlockTask, bind=True, name="ip.retry_now")
+    def retry_now(self: Any, tag: str) -> int:
+        body(self, tag, wait=False)
+        if self.request.retries == 0:
+            raise self.retry(countdown=0)
         return int(self.request.retries)
 
     @app.task(base=RedlockTask, bind=True, name="ip.retry_elsewhere")
@@ -306,7 +314,7 @@ def events() -> Iterator[list[tuple[str, dict[str, Any]]]]:
 
 
 def holder(rl: Redlock, task: Any, *args: Any, **kwargs: Any) -> str | None:
-    return rl.holder(task.redlock_key_for(args, kwargs))
+    return task_id_of(rl.holder(task.redlock_key_for(args, kwargs)))
 
 
 def started(tag: str, count: int = 1, timeout: float = 10.0) -> None:
@@ -507,6 +515,54 @@ def test_a_retry_keeps_the_lock_through_its_countdown_then_releases(
     assert STARTED[tag] == [result.id, result.id]
 
 
+def test_a_retry_hands_its_lock_over_when_sent_so_an_instant_retried_run_is_not_a_duplicate(
+    t: SimpleNamespace, rl: Redlock, tag: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry message is sent before the Retry exception leaves the body: another
+    worker thread may start the retried run at once. The lock is handed to the task
+    id as the retry is sent, so that run takes it over (here the first run's exit is
+    slowed down to make the race certain)."""
+    cls = type(t.retry_now._get_current_object())
+    slow_exit = threading.Event()
+    keep = cls._redlock_keep_for_retry
+
+    def slowly(self: Any, run: Any, retry: Any) -> None:
+        slow_exit.wait(0.5)
+        keep(self, run, retry)
+
+    monkeypatch.setattr(cls, "_redlock_keep_for_retry", slowly)
+    result = t.retry_now.delay(tag)
+    assert result.get(timeout=RESULT_TIMEOUT) == 1
+    assert STARTED[tag] == [result.id, result.id]
+    assert holder(rl, t.retry_now, tag) is None
+
+
+def test_a_second_delivery_of_a_running_message_is_dropped_without_a_state(
+    t: SimpleNamespace, rl: Redlock, tag: str, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """A broker delivering a message again while its first delivery runs (same task
+    id): the second must not re-enter the first one's lock, nor store a result."""
+    first = t.hold.delay(tag)
+    started(tag)
+    token = rl.holder(t.hold.redlock_key_for((tag,), {}))
+    assert token is not None
+    assert token != first.id  # the run's own token, not the bare task id
+    assert task_id_of(token) == first.id
+    again = t.hold.apply_async((tag,), task_id=first.id)  # the same message again
+    assert wait_for(
+        lambda: any(n == "lock_skipped" and kw["task_id"] == first.id for n, kw in events)
+    )
+    skipped = [kw for n, kw in events if n == "lock_skipped"]
+    assert skipped[0]["holder"] == first.id
+    assert again.state == "PENDING"  # nothing stored for the dropped delivery
+    assert STARTED[tag] == [first.id]
+    assert rl.holder(t.hold.redlock_key_for((tag,), {})) == token
+    GATES[tag].set()
+    assert first.get(timeout=RESULT_TIMEOUT) == first.id
+    assert STARTED[tag] == [first.id]
+    assert holder(rl, t.hold, tag) is None
+
+
 def test_a_retry_with_other_arguments_releases_the_old_key(
     t: SimpleNamespace, rl: Redlock, tag: str, events: list[tuple[str, dict[str, Any]]]
 ) -> None:
@@ -543,7 +599,7 @@ def test_hold_keeps_the_key_after_a_quick_run_then_lets_it_expire(
     result = t.held.delay(tag)
     assert result.get(timeout=RESULT_TIMEOUT) == result.id
     info = rl.inspect(t.held.redlock_key_for((tag,), {}))
-    assert info.holder == result.id
+    assert task_id_of(info.holder) == result.id
     assert info.ttl_left is not None
     assert 0 < info.ttl_left <= 1.5
     assert t.held.delay(tag).get(timeout=RESULT_TIMEOUT) is None  # skipped within the hold
@@ -570,7 +626,7 @@ def test_a_lost_lock_sets_redlock_lost_and_sends_lock_lost(
     result = t.until_lost.delay(tag)
     started(tag)
     key = t.until_lost.redlock_key_for((tag,), {})
-    assert wait_for(lambda: rl.holder(key) == result.id)
+    assert wait_for(lambda: task_id_of(rl.holder(key)) == result.id)
     rl.force_release(key)
     assert result.get(timeout=RESULT_TIMEOUT) is True
     lost = [kw for name, kw in events if name == "lock_lost"]

@@ -32,6 +32,7 @@ from celery import Celery
 from celery.exceptions import WorkerLostError
 
 from celery_redlock import Redlock
+from celery_redlock.keys import task_id_of
 from tests.integration.celery_apps.helpers import overlaps, server_url, wait_for
 from tests.integration.celery_apps.prefork_app import ledger_file, make_app, pid_file
 from tests.servers import RedisServer
@@ -178,7 +179,7 @@ def rl(lock_servers: list[str]) -> Iterator[Redlock]:
 
 
 def holder(rl: Redlock, task: Any, *args: Any) -> str | None:
-    return rl.holder(task.redlock_key_for(args, {}))
+    return task_id_of(rl.holder(task.redlock_key_for(args, {})))
 
 
 # ---------------------------------------------------------------------------

@@ -145,9 +145,9 @@ def test_quick_run_reports_the_celery_suite(quick_run: QuickRun) -> None:
         assert all(rate > 0 for rate in data[f"{kind}_rates"]), kind
         assert data[f"{kind}_latency_ms"] > 0, kind
         assert len(data["cpu_ms_per_task"][kind]) == data["rounds"], kind
-    # An acquire and a release script on every node for every locked run.
+    # An acquire (SET NX) and a release (script) on every node for every locked run.
     runs = celery_tasks.WARMUP + data["rounds"] * data["batch"] + data["calls"]
-    assert all(count >= 2 * runs for count in data["lock_scripts_per_node"])
+    assert all(count >= 2 * runs for count in data["lock_commands_per_node"])
     assert data["lock_keys_left"] == [0, 0, 0]
 
     checks = {c["name"]: c for c in suite["checks"]}

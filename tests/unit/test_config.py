@@ -146,8 +146,11 @@ def test_unknown_settings_suggest_the_closest_name_and_skip_other_parts() -> Non
     assert "redlock_tll is not a celery_redlock setting; did you mean redlock_ttl?" in errors[0]
     assert unknown_settings(["CELERY_REDLOCK_ON_DUPLICATES"], "CELERY")[0].startswith(
         "CELERY_REDLOCK_ON_DUPLICATES is not a celery_redlock setting; did you mean "
-        "redlock_on_duplicate?"
+        "CELERY_REDLOCK_ON_DUPLICATE?"
     )
+    lower = unknown_settings(["celery_redlock_tll"], "CELERY")[0]
+    assert "did you mean celery_redlock_ttl?" in lower
+    assert "each after the celery_ prefix" in lower
 
 
 def test_a_publisher_without_servers_computes_keys_and_fails_only_to_lock() -> None:

@@ -14,6 +14,7 @@ from celery import Celery
 
 from celery_redlock.config import forget_managers, get_redlock
 from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
+from celery_redlock.keys import task_id_of
 from celery_redlock.redlock import Redlock
 from celery_redlock.signals import lock_acquired, lock_released, lock_skipped
 from celery_redlock.task import RedlockTask
@@ -80,7 +81,10 @@ def test_an_eager_run_holds_the_lock_in_its_body_and_releases_it(
         return str(self.request.id)
 
     result = work.delay(1)
-    assert holders == [result.id]
+    assert [task_id_of(h) for h in holders] == [result.id]
+    # The run holds it under its own token, not the bare task id a second
+    # delivery of the same message would also carry.
+    assert holders[0] != result.id
     assert manager(work).holder(work.redlock_key_for((1,), {})) is None
     assert [name for name, _ in seen] == ["lock_acquired", "lock_released"]
     assert seen[1][1]["reason"] == "success"
@@ -140,7 +144,7 @@ def test_retry_policy_retries_up_to_max_retries_then_fails_with_duplicate_task(
     assert isinstance(result.result, DuplicateTask)
 
 
-def test_an_eager_retry_re_enters_its_own_lock(app: Celery) -> None:
+def test_an_eager_retry_takes_its_own_lock_over(app: Celery) -> None:
     @app.task(base=RedlockTask, bind=True, shared=False)
     def work(self: Any, n: int) -> int:
         if self.request.retries < 2:
@@ -151,6 +155,33 @@ def test_an_eager_retry_re_enters_its_own_lock(app: Celery) -> None:
     assert manager(work).holder(work.redlock_key_for((1,), {})) is None
 
 
+def test_an_eager_retry_of_a_task_whose_call_skips_super_is_handed_the_lock(
+    app: Celery,
+) -> None:
+    """Only the task_postrun net sees such a run end: on RETRY it hands the lock to
+    the task id, so the retried run takes it over instead of being dropped."""
+
+    class NoSuperCall(RedlockTask):  # type: ignore[misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return self.run(*args, **kwargs)
+
+    holders: list[str | None] = []
+
+    @app.task(base=NoSuperCall, bind=True, shared=False)
+    def work(self: Any, n: int) -> int:
+        holders.append(manager(self).holder(self.redlock_key_for((n,), {})))
+        if self.request.retries < 1:
+            raise self.retry(countdown=0)
+        return int(self.request.retries)
+
+    result = work.delay(1)
+    assert result.get() == 1
+    assert len(holders) == 2
+    assert [task_id_of(h) for h in holders] == [result.id, result.id]
+    assert holders[0] != holders[1]  # each run under its own token
+    assert manager(work).holder(work.redlock_key_for((1,), {})) is None
+
+
 def test_hold_leaves_the_key_to_expire_after_a_quick_run(app: Celery) -> None:
     @app.task(base=RedlockTask, bind=True, shared=False, redlock_hold=20)
     def work(self: Any, n: int) -> str:
@@ -158,7 +189,8 @@ def test_hold_leaves_the_key_to_expire_after_a_quick_run(app: Celery) -> None:
 
     result = work.delay(1)
     info = manager(work).inspect(work.redlock_key_for((1,), {}))
-    assert info.holder == result.get()
+    assert task_id_of(info.holder) == result.get()
+    assert work.redlock_info((1,)).holder == result.get()
     assert info.ttl_left is not None
     assert 19 < info.ttl_left <= 20
     assert work.delay(1).get() is None  # within the hold: a duplicate
