@@ -18,7 +18,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
-BENCH_ARGS ?= --markdown docs/benchmarks.md
+BENCH_ARGS ?= --markdown docs/benchmarks.md --readme README.md
 
 TEST_STAMP := $(VENV)/.stamp-test
 BENCH_STAMP := $(VENV)/.stamp-bench
@@ -61,7 +61,7 @@ demo: $(TEST_STAMP)
 FAULTS_REPORT ?= docs/faults.md
 
 faults: $(TEST_STAMP)
-	$(BIN)/python -m tests.faults.report $(FAULTS_REPORT) $(PYTEST_ARGS)
+	$(BIN)/python -m tests.faults.report $(FAULTS_REPORT) --readme README.md $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import SUITE_MODULES
 from .core import Context, NodeAddr, Suite, SuiteResult
 from .machine import describe, summary
-from .report import as_json, as_markdown, as_text
+from .report import as_json, as_markdown, as_readme, as_text, replace_block
 
 FULL = {"cycles": 200, "rounds": 100, "soak_cycles": 20000}
 QUICK = {"cycles": 100, "rounds": 5, "soak_cycles": 2000}
@@ -65,6 +65,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every figure as JSON")
     parser.add_argument(
         "--markdown", type=Path, metavar="PATH", help="write the README tables (markdown)"
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        metavar="PATH",
+        help="write the targets table between the <!-- bench-table --> marks of PATH",
     )
     parser.add_argument(
         "--fail-on-miss", action="store_true", help="exit 1 when a target is missed"
@@ -154,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown:
         args.markdown.write_text(as_markdown(line, results, command, busy))
         log(f"wrote {args.markdown}")
+    if args.readme:
+        text = as_readme(line, results, command)
+        if busy:
+            text = f"> {busy}\n\n{text}"
+        replace_block(args.readme, "bench-table", text)
+        log(f"wrote the bench-table block of {args.readme}")
     missed = any(c.status == "MISS" for r in results for c in r.checks)
     return 1 if missed and args.fail_on_miss else 0
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from .core import Check, SuiteResult, Table
 
-__all__ = ["as_json", "as_markdown", "as_text"]
+__all__ = ["as_json", "as_markdown", "as_readme", "as_text", "replace_block"]
 
 
 def _text_table(table: Table) -> list[str]:
@@ -103,6 +104,31 @@ def as_markdown(
         out += [f"- {note}" for note in result.notes]
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+def as_readme(machine_line: str, results: Sequence[SuiteResult], command: str) -> str:
+    """The README's speed block: the machine, every target and figure, where the rest is."""
+    checks = [c for r in results for c in r.checks]
+    out = [
+        f"Measured with `{command}` on: {machine_line}. The full tables are in",
+        "[docs/benchmarks.md](docs/benchmarks.md).",
+        "",
+    ]
+    if checks:
+        table = _checks_table(checks)
+        table.title = "Targets and figures"
+        out += _md_table(table)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def replace_block(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``."""
+    start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start.strip()} ... {end} block to write into")
+    head, rest = doc.split(start, 1)
+    path.write_text(head + start + text + end + rest.split(end, 1)[1])
 
 
 def as_json(

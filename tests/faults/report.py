@@ -101,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m tests.faults.report", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("output", type=Path, help="where to write the markdown table")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help="also write the table between the <!-- faults-table --> marks of this file",
+    )
     parser.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed on to pytest")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="redlock-faults-") as tmp:
@@ -121,7 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     print(f"\n{table}\nwritten to {args.output}")
+    if args.readme:
+        link = f"Details: [{args.output}]({args.output}).\n\n"
+        write_block(args.readme, "faults-table", link + table)
+        print(f"and to the faults-table block of {args.readme}")
     return status
+
+
+def write_block(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``."""
+    start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start.strip()} ... {end} block to write into")
+    head, rest = doc.split(start, 1)
+    path.write_text(head + start + text + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":
