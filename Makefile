@@ -61,7 +61,7 @@ demo: $(TEST_STAMP)
 FAULTS_REPORT ?= docs/faults.md
 
 faults: $(TEST_STAMP)
-	$(BIN)/python -m tests.faults.report $(FAULTS_REPORT) --readme README.md $(PYTEST_ARGS)
+	$(BIN)/python -m tests.faults.report --readme README.md $(FAULTS_REPORT) $(PYTEST_ARGS)
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
