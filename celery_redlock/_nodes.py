@@ -266,6 +266,8 @@ class _Incomplete(Exception):
 #: What a timed-out send or receive raises: Python's timeout, or the kernel's
 #: (EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket).
 _TIMEOUTS = (TimeoutError, BlockingIOError)
+#: recv() flag for a read that never waits (0 where the platform has none).
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Kernel socket timeouts take a struct timeval of two C longs on Linux.
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 
@@ -493,6 +495,19 @@ class _Wire:
         if not self.raw:
             return bool(self.conn.can_read(timeout=0))
         if self.buf or (hasattr(sock, "pending") and sock.pending()):
+            return True
+        if type(sock) is socket.socket and _DONTWAIT:
+            # One syscall instead of select + recv: what came is kept for read().
+            try:
+                chunk = sock.recv(65536, _DONTWAIT)
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True  # read() meets the error and reports it
+            self.buf = chunk
+            if not chunk:  # closed: let read() report it (its recv sees the EOF again)
+                return True
+            self.used = True
             return True
         return bool(select.select([sock], [], [], 0)[0])
 

@@ -52,6 +52,10 @@ class _KeyEncoder(JSONEncoder):
     """kombu's JSON encoder (UUID, datetime, Decimal, bytes, registered types)."""
 
 
+#: One encoder for every key (``encode`` keeps no state between calls).
+_ENCODER = _KeyEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=True)
+
+
 def _json_key(key: object) -> str:
     """A dict key as ``json.dumps`` writes it (and as the worker receives it)."""
     if isinstance(key, str):
@@ -82,15 +86,7 @@ def canonical(value: object) -> bytes:
     Raises TypeError when kombu's JSON cannot encode ``value`` (a set, an
     arbitrary object, ...).
     """
-    text = json.dumps(
-        _normalise(value),
-        cls=_KeyEncoder,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=True,
-    )
-    return text.encode("utf-8")
+    return _ENCODER.encode(_normalise(value)).encode("utf-8")
 
 
 def digest(data: bytes) -> str:
