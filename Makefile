@@ -2,7 +2,7 @@
 #
 #   make test       lint + typecheck + pytest -m "not slow" (what CI runs)
 #   make lint       ruff check
-#   make typecheck  mypy --strict on the package (and tests/servers.py)
+#   make typecheck  mypy --strict on the package (and tests/servers.py, tests/workers.py)
 #   make demo       python -m celery_redlock demo
 #   make faults     every fault-injection scenario, long runs too; writes docs/faults.md
 #   make bench      installs the [bench] extra, runs python -m benchmarks; writes docs/benchmarks.md
@@ -25,7 +25,7 @@ BENCH_STAMP := $(VENV)/.stamp-bench
 
 # Only the folders that exist: ruff reports a missing path as an error.
 LINT_PATHS := $(wildcard celery_redlock tests examples benchmarks)
-TYPED_PATHS := celery_redlock tests/servers.py
+TYPED_PATHS := celery_redlock tests/servers.py tests/workers.py
 
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PIP_NO_INPUT := 1

@@ -34,14 +34,10 @@ own. Lock nodes: the integration tests' ``lock_servers`` (3 session nodes).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import random
-import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -80,10 +76,9 @@ from tests.faults.harness import (
 from tests.integration.celery_apps.helpers import server_url, wait_for
 from tests.integration.conftest import broker_server, lock_servers  # noqa: F401
 from tests.servers import RedisServer
+from tests.workers import CeleryWorker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_MODULE = "tests.faults.celery_fault_app"
-READY_TIMEOUT = 30.0
 #: A release by the main worker process within this many seconds is not the TTL (30 s).
 RELEASED_WITHIN = 3.0
 #: The same after a child was SIGKILLed. The main process releases as soon as Celery
@@ -127,88 +122,11 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-class Worker:
-    """One ``celery worker -P prefork`` subprocess in its own process group."""
+class Worker(CeleryWorker):
+    """A worker of the fault app (tests/faults/celery_fault_app.py)."""
 
     def __init__(self, name: str, env: dict[str, str], directory: Path, concurrency: int) -> None:
-        self.name = f"{name}-{uuid.uuid4().hex[:6]}"
-        self.env = env
-        self.concurrency = concurrency
-        self.log = directory / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        command = [
-            sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
-            "-P", "prefork", "-c", str(self.concurrency), "-n", f"{self.name}@%h",
-            "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-            f"--logfile={self.log}",
-        ]  # fmt: skip
-        setpriv = shutil.which("setpriv")
-        if setpriv and threading.current_thread() is threading.main_thread():
-            command = [setpriv, "--pdeathsig", "KILL", "--", *command]  # dies with pytest
-        return command
-
-    def launch(self) -> subprocess.Popen[bytes]:
-        with open(str(self.log) + ".err", "wb") as err:
-            self.proc = subprocess.Popen(
-                self.command(),
-                cwd=REPO_ROOT,
-                env={**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT)},
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                start_new_session=True,
-            )
-        return self.proc
-
-    def start(self) -> Worker:
-        self.launch()
-        if not wait_for(self._ready, READY_TIMEOUT, 0.05):
-            tail = self.tail()
-            self.kill()
-            raise RuntimeError(f"worker {self.name} did not start:\n{tail}")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited at start:\n{self.tail()}")
-        return self.log.exists() and " ready." in self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def tail(self, lines: int = 40) -> str:
-        text = ""
-        for path in (self.log, Path(str(self.log) + ".err")):
-            if path.exists():
-                text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
-        return text
-
-    def kill(self) -> float:
-        """SIGKILL the worker and its pool processes (its group); reap; the kill's moment."""
-        proc = self.proc
-        killed = time.monotonic()
-        if proc is None:
-            return killed
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        killed = time.monotonic()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        wait_for(lambda: not _group_alive(proc.pid), 5.0)
-        return killed
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
+        super().__init__(APP_MODULE, name, env, directory, concurrency)
 
 
 @dataclass

@@ -16,11 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,84 +32,19 @@ from celery_redlock.keys import task_id_of
 from tests.integration.celery_apps.helpers import overlaps, server_url, wait_for
 from tests.integration.celery_apps.prefork_app import ledger_file, make_app, pid_file
 from tests.servers import RedisServer
+from tests.workers import CeleryWorker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 APP_MODULE = "tests.integration.celery_apps.prefork_app"
-READY_TIMEOUT = 30.0
 RESULT_TIMEOUT = 60.0
 #: A release within this many seconds cannot be the 30 s TTL running out.
 RELEASED_WITHIN = 8.0
 
 
-class Worker:
-    """One ``celery worker -P prefork`` subprocess, in its own process group."""
+class Worker(CeleryWorker):
+    """A worker of tests/integration/celery_apps/prefork_app.py."""
 
     def __init__(self, name: str, env: dict[str, str], concurrency: int, directory: Path) -> None:
-        self.name = f"{name}-{uuid.uuid4().hex[:6]}"
-        self.env = env
-        self.concurrency = concurrency
-        self.log = directory / f"{self.name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Worker:
-        command = [
-            sys.executable, "-m", "celery", "-A", APP_MODULE, "worker",
-            "-P", "prefork", "-c", str(self.concurrency), "-n", f"{self.name}@%h",
-            "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-            f"--logfile={self.log}",
-        ]  # fmt: skip
-        setpriv = shutil.which("setpriv")
-        if setpriv and threading.current_thread() is threading.main_thread():
-            command = [setpriv, "--pdeathsig", "KILL", "--", *command]  # dies with pytest
-        env = {**os.environ, **self.env, "PYTHONPATH": str(REPO_ROOT)}
-        self.proc = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(str(self.log) + ".err", "wb"),  # noqa: SIM115 - the child keeps it
-            start_new_session=True,
-        )
-        if not wait_for(self._ready, READY_TIMEOUT, 0.1):
-            tail = self.tail()
-            self.kill()
-            raise RuntimeError(f"worker {self.name} did not start:\n{tail}")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"worker {self.name} exited at start:\n{self.tail()}")
-        return self.log.exists() and " ready." in self.log.read_text(errors="replace")
-
-    def tail(self, lines: int = 40) -> str:
-        text = ""
-        for path in (self.log, Path(str(self.log) + ".err")):
-            if path.exists():
-                text += "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) + "\n"
-        return text
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool processes (its process group); reap it."""
-        proc = self.proc
-        if proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        wait_for(lambda: not _group_alive(proc.pid), 5.0)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
+        super().__init__(APP_MODULE, name, env, directory, concurrency)
 
 
 class Setup:
