@@ -496,8 +496,9 @@ class _Wire:
             return bool(self.conn.can_read(timeout=0))
         if self.buf or (hasattr(sock, "pending") and sock.pending()):
             return True
-        if type(sock) is socket.socket and _DONTWAIT:
-            # One syscall instead of select + recv: what came is kept for read().
+        if _DONTWAIT and type(sock) is socket.socket and sock.gettimeout() is None:
+            # One syscall instead of select + recv: what came is kept for read(). Only
+            # with kernel timeouts: under a Python timeout, recv() first waits for data.
             try:
                 chunk = sock.recv(65536, _DONTWAIT)
             except BlockingIOError:

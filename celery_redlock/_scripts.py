@@ -57,14 +57,14 @@ def _evalsha_head(sha: bytes, nkeys: int, nargs: int) -> bytes:
 # Sets the key if it is free. If it already holds the same token, re-arms the
 # TTL (an owner re-entering its own lock). If it holds ARGV[3] (a reservation
 # such as a task id kept between a Celery run and its retry), replaces that
-# token with the caller's. Returns 1 when the caller holds the key afterwards,
-# 0 when another token does.
+# token with the caller's. Returns 1 when the caller holds the key afterwards
+# (2 when it took it over from ARGV[3]), 0 when another token does.
 ACQUIRE = Script(
     b"if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
     b"local v = redis.call('get', KEYS[1]) "
     b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
     b"if ARGV[3] and v == ARGV[3] then "
-    b"redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end "
+    b"redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
     b"return 0"
 )
 

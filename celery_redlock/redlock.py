@@ -420,6 +420,7 @@ class Redlock:
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
         start = time.monotonic()
+        taken: list[int] = []  # nodes where ``takeover`` was replaced by ``token``
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
             args = (token, ttl_ms, takeover)
@@ -437,12 +438,14 @@ class Redlock:
             granted = [i for i, r in enumerate(replies) if r == b"OK"]
             held = [i for i, r in enumerate(replies) if r is None]
             if takeover is not None and held and len(granted) + len(held) >= self.quorum:
-                # Nodes holding a token: the script takes it over where it is ``takeover``
-                # (also past a quorum, so no stray reservation is left to expire).
+                # Nodes holding a token: the script takes it over where it is
+                # ``takeover`` (also past a quorum, so the reservation does not linger
+                # there; a node left unread at quorum may keep it until it expires).
                 again = fanout.script(_scripts.ACQUIRE, (key,), args, targets=held)
                 for i in held:
                     replies[i] = again[i]
-                granted += [i for i in held if _is_one(again[i])]
+                taken = [i for i in held if again[i] == 2 and type(again[i]) is int]
+                granted += [i for i in held if _is_one(again[i])] + taken
         else:
             replies = fanout.script(_scripts.ACQUIRE, (key,), args, enough=self._enough_one)
             granted = [i for i, r in enumerate(replies) if _is_one(r)]
@@ -466,8 +469,15 @@ class Redlock:
                 self._held.add((resource, token))
             return lock, [], None
         votes = self._votes(replies, granted)
-        # Undo on every node: a SET may have been applied where the reply was lost.
-        fanout.script(_scripts.RELEASE, (key,), (token,))
+        # Undo on every node: a SET may have been applied where the reply was lost. Where
+        # a reservation was taken over, give it back rather than delete it.
+        if taken:
+            assert takeover is not None
+            fanout.script(_scripts.REASSIGN, (key,), (token, takeover, ttl_ms), targets=taken)
+            rest = [i for i in range(len(self.nodes)) if i not in taken]
+            fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
+        else:
+            fanout.script(_scripts.RELEASE, (key,), (token,))
         too_slow = None
         if len(granted) >= self.quorum:
             too_slow = (

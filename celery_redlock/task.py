@@ -55,14 +55,17 @@ The lock's life:
   duplicate is not even sent) with the TTL plus any countdown or ETA; a retry
   (same task id) is not a duplicate.
 
-A second delivery of a message whose first delivery still runs (the broker
-redelivered it: an ``acks_late`` task past the Redis transport's
-``visibility_timeout``, or a connection lost before the ack) is a duplicate
-holding its own task id: whatever the policy, it ends without running and
-without a state (``Ignore``), so the running delivery's result is the one
-stored; INFO is logged and :data:`~.signals.lock_skipped` sent with
-``holder`` equal to ``task_id``. (With ``"wait"``, it waits like any
-duplicate, and runs again if the first delivery ends within the wait.)
+A delivery of a message whose other delivery holds the lock (the broker
+delivered it again: an ``acks_late`` task past the Redis transport's
+``visibility_timeout``, a connection lost before the ack, or a worker killed
+while its lock lives on) finds its own task id holding the lock. That other
+delivery may be running or dead, so, whatever the policy, this one is sent
+again to run after about the lock's time left (not a Celery retry: no RETRY
+state, ``max_retries`` untouched) and ends without a state (``Ignore``): it
+never runs beside the other, and is not lost if the other died. INFO is
+logged and :data:`~.signals.lock_skipped` sent with ``holder`` equal to
+``task_id``. (With ``"wait"``, it first waits like any duplicate.) An eager
+run, which has no broker, fails with ``DuplicateTask`` instead.
 
 Duplicates (``redlock_on_duplicate``):
 
@@ -400,30 +403,18 @@ class RedlockTask(Task):  # type: ignore[misc]
     def _redlock_duplicate(self, run: _Run, info: LockInfo) -> None:
         settings = run.settings
         policy = settings.on_duplicate
-        again = info.holder == run.task_id
-        if again or policy == "skip":
-            # ``again``: another delivery of this very message is running (a broker
-            # redelivered it); that one stores the result, this one ends without a state.
+        if info.holder == run.task_id:
+            self._redlock_delivered_again(run, info)
+        if policy == "skip":
             run.skipped = True
-            run.done = again
-            if again:
-                _log.info(
-                    "task %s[%s] delivered again while its first delivery runs (lock %s, "
-                    "%s s left): this delivery is dropped",
-                    self.name,
-                    run.task_id,
-                    run.key,
-                    _seconds(info.ttl_left),
-                )
-            else:
-                _log.info(
-                    "task %s[%s] skipped: lock %s is held by task %s (%s s left)",
-                    self.name,
-                    run.task_id,
-                    run.key,
-                    info.holder,
-                    _seconds(info.ttl_left),
-                )
+            _log.info(
+                "task %s[%s] skipped: lock %s is held by task %s (%s s left)",
+                self.name,
+                run.task_id,
+                run.key,
+                info.holder,
+                _seconds(info.ttl_left),
+            )
             lock_skipped.send(
                 sender=self,
                 task_id=run.task_id,
@@ -432,13 +423,45 @@ class RedlockTask(Task):  # type: ignore[misc]
                 ttl_left=info.ttl_left,
                 when="run",
             )
-            if again:
-                raise Ignore()
             return
         error = DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
         if policy == "retry":
             raise self.retry(exc=error, countdown=_jitter(info.ttl_left or settings.ttl))
         raise error
+
+    def _redlock_delivered_again(self, run: _Run, info: LockInfo) -> None:
+        """Another delivery of this very message holds the lock (a broker delivered it again).
+
+        That delivery may be running, or dead with its lock not yet expired: this one
+        is sent again to run after about the lock's time left (not a retry: no RETRY
+        state, ``max_retries`` untouched) and ends without a state (``Ignore``). So
+        two bodies never run at once, and the message is not lost if the other
+        delivery died. Eager runs have no broker: they fail with DuplicateTask.
+        """
+        if self.request.is_eager:
+            raise DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
+        delay = _jitter(info.ttl_left or run.settings.ttl)
+        _log.info(
+            "task %s[%s] delivered again while another delivery of it holds its lock %s "
+            "(%s s left): sent again to run in %.1f s",
+            self.name,
+            run.task_id,
+            run.key,
+            _seconds(info.ttl_left),
+            delay,
+        )
+        lock_skipped.send(
+            sender=self,
+            task_id=run.task_id,
+            key=run.key,
+            holder=info.holder,
+            ttl_left=info.ttl_left,
+            when="run",
+        )
+        self.signature_from_request(countdown=delay).apply_async()
+        run.skipped = True
+        run.done = True
+        raise Ignore()
 
     def _redlock_unavailable(self, run: _Run, error: LockNotAcquired) -> None:
         if run.settings.on_unavailable == "run":
@@ -583,27 +606,24 @@ class RedlockTask(Task):  # type: ignore[misc]
         if run.lock is None or run.manager is None:
             return
         if not run.manager.reassign(run.lock, run.task_id, run.settings.ttl + delay):
+            # Free what is left of it (this run's token, or the task id where the swap
+            # went through), so the retried run takes the key like any other.
+            run.manager.release(run.key, run.task_id, owner=True)
             _log.warning(
                 "task %s[%s]: its lock %s could not be kept for the retry (lost or nodes "
-                "down); the retried run takes it like any other",
+                "down): released; the retried run takes it like any other",
                 self.name,
                 run.task_id,
                 run.key,
             )
 
     def _redlock_own_run(self, task_id: str | None, key: str) -> _Run | None:
-        """The running run holding ``key`` for ``task_id``: it is sending its own retry."""
+        """The current run of ``task_id`` with ``key``: it is sending itself again."""
         if task_id is None:
             return None
         request = self.request_stack.top
         run = getattr(request, _RUN_ATTR, None) if request is not None else None
-        if (
-            isinstance(run, _Run)
-            and not run.done
-            and run.lock is not None
-            and run.task_id == task_id
-            and run.key == key
-        ):
+        if isinstance(run, _Run) and not run.done and run.task_id == task_id and run.key == key:
             return run
         return None
 
@@ -678,14 +698,15 @@ class RedlockTask(Task):  # type: ignore[misc]
         )
         own = self._redlock_own_run(task_id, key)
         if own is not None:
-            assert own.manager is not None
+            if own.lock is None or own.manager is None:  # it holds nothing to hand over
+                return send(task_id=task_id, **options)
             assert task_id is not None
             delay = _seconds_until(options.get("countdown") or options.get("eta"))
             self._redlock_hand_over(own, delay)
             try:
                 return send(task_id=task_id, **options)
             except BaseException:
-                own.manager.release(key, task_id)
+                own.manager.release(key, task_id, owner=True)
                 raise
         if settings.lock_on != "publish":
             return send(task_id=task_id, **options)

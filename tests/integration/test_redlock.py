@@ -700,3 +700,16 @@ def test_takeover_where_only_some_nodes_hold_the_reservation_leaves_none_behind(
     lock = rl.acquire("part", 10, "task-1|cccccccccccc", retry_count=0, takeover="task-1")
     assert [c.get("part") for c in clients][2:] == [b"task-1|cccccccccccc"] * 3
     rl.release(lock)
+
+
+def test_a_failed_takeover_gives_the_reservation_back(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    for c in clients[:2]:
+        c.set("back", "task-1", px=20_000)  # the reservation, on a minority
+    for c in clients[2:]:
+        c.set("back", "task-2|bbbbbbbbbbbb", px=20_000)  # another run holds the rest
+    with pytest.raises(LockNotAcquired):
+        rl.acquire("back", 10, "task-1|aaaaaaaaaaaa", retry_count=0, takeover="task-1")
+    assert [c.get("back") for c in clients] == [b"task-1"] * 2 + [b"task-2|bbbbbbbbbbbb"] * 3

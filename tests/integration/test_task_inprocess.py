@@ -537,30 +537,48 @@ def test_a_retry_hands_its_lock_over_when_sent_so_an_instant_retried_run_is_not_
     assert holder(rl, t.retry_now, tag) is None
 
 
-def test_a_second_delivery_of_a_running_message_is_dropped_without_a_state(
+def test_a_second_delivery_of_a_running_message_waits_for_it_and_never_runs_beside_it(
     t: SimpleNamespace, rl: Redlock, tag: str, events: list[tuple[str, dict[str, Any]]]
 ) -> None:
     """A broker delivering a message again while its first delivery runs (same task
-    id): the second must not re-enter the first one's lock, nor store a result."""
+    id): the second must not re-enter the first one's lock. It is sent again for after
+    the lock's time left, and runs only once the first is done."""
     first = t.hold.delay(tag)
     started(tag)
     token = rl.holder(t.hold.redlock_key_for((tag,), {}))
     assert token is not None
     assert token != first.id  # the run's own token, not the bare task id
     assert task_id_of(token) == first.id
-    again = t.hold.apply_async((tag,), task_id=first.id)  # the same message again
+    t.hold.apply_async((tag,), task_id=first.id)  # the same message again
     assert wait_for(
         lambda: any(n == "lock_skipped" and kw["task_id"] == first.id for n, kw in events)
     )
     skipped = [kw for n, kw in events if n == "lock_skipped"]
     assert skipped[0]["holder"] == first.id
-    assert again.state == "PENDING"  # nothing stored for the dropped delivery
-    assert STARTED[tag] == [first.id]
+    time.sleep(0.3)
+    assert STARTED[tag] == [first.id]  # not beside the first
     assert rl.holder(t.hold.redlock_key_for((tag,), {})) == token
     GATES[tag].set()
     assert first.get(timeout=RESULT_TIMEOUT) == first.id
-    assert STARTED[tag] == [first.id]
-    assert holder(rl, t.hold, tag) is None
+    # The copy sent again runs later, after the first (at-least-once, never at once).
+    started(tag, 2, timeout=15)
+    assert STARTED[tag] == [first.id, first.id]
+    assert not overlaps(INTERVALS[tag])
+    assert wait_for(lambda: holder(rl, t.hold, tag) is None, 5)
+
+
+def test_a_delivery_finding_a_dead_delivery_s_lock_is_not_lost(
+    t: SimpleNamespace, rl: Redlock, tag: str
+) -> None:
+    """The first delivery died with its lock still alive (a worker SIGKILLed, its
+    message requeued at once): the new delivery is sent again for after the dead
+    lock's time left, and then runs."""
+    task_id = str(uuid.uuid4())
+    key = t.held.redlock_key_for((tag,), {})
+    rl.acquire(key, 1.5, f"{task_id}|0123456789ab")  # the dead delivery's lock
+    result = t.held.apply_async((tag,), task_id=task_id)
+    assert result.get(timeout=RESULT_TIMEOUT) == task_id
+    assert STARTED[tag] == [task_id]
 
 
 def test_a_retry_with_other_arguments_releases_the_old_key(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import fakeredis
@@ -441,3 +442,35 @@ def test_inspect_returns_token_and_pttl(r: fakeredis.FakeRedis) -> None:
     token, pttl = run(r, _scripts.INSPECT, ["k"])
     assert token == b"me"
     assert 0 < pttl <= 5000
+
+
+def test_ready_never_waits_on_a_socket_with_a_python_timeout() -> None:
+    """Where the kernel timeouts are not used (a Python timeout on the socket), ready()
+    must not block in recv: it answers at once, and sees data that came."""
+    import socket as socket_mod
+
+    from celery_redlock._nodes import _Wire
+
+    a, b = socket_mod.socketpair()
+    try:
+        a.settimeout(0.5)
+        wire = _Wire.__new__(_Wire)
+        wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", object(), False
+        started = time.monotonic()
+        assert not wire.ready()
+        assert time.monotonic() - started < 0.1
+        b.sendall(b"+OK\r\n")
+        assert wait_until(wire.ready)
+        assert wire.read() == b"OK"
+    finally:
+        a.close()
+        b.close()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return False

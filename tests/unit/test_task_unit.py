@@ -393,3 +393,54 @@ def test_redlock_info_names_the_task_holding_a_calls_lock(app: Celery) -> None:
     assert info.ttl_left is not None
     assert 25 < info.ttl_left <= 30
     assert job.redlock_info((2,)).holder is None
+
+
+def test_an_eager_run_finding_its_own_task_id_in_the_lock_fails_not_silently(
+    app: Celery,
+) -> None:
+    """Another run of this very task id holds the key (a dead delivery's lock): an
+    eager run has no broker to send itself again with, so it fails with DuplicateTask
+    naming that holder rather than ending without a trace."""
+    ran: list[int] = []
+
+    @app.task(base=RedlockTask, shared=False)
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    take(work, 1, token="tid-1|0123456789ab")
+    result = work.apply((1,), task_id="tid-1")
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, DuplicateTask)
+    assert result.result.holder == "tid-1"
+    assert ran == []
+
+
+def test_a_retry_whose_hand_over_fails_frees_the_lock_so_the_retried_run_runs(
+    app: Celery, servers: list[fakeredis.FakeRedis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-over to the task id fails (2 of 3 nodes down at that moment): what is
+    left of the lock is released, and the retried run takes the key like any other."""
+    from celery_redlock.testing import node_down
+
+    reassign = Redlock.reassign
+
+    def with_nodes_down(self: Redlock, lock: Any, value: str, ttl: float) -> bool:
+        with node_down(*servers[:2]):
+            return reassign(self, lock, value, ttl)
+
+    monkeypatch.setattr(Redlock, "reassign", with_nodes_down)
+    runs: list[int] = []
+
+    @app.task(base=RedlockTask, bind=True, shared=False)
+    def work(self: Any, n: int) -> int:
+        runs.append(int(self.request.retries))
+        if not self.request.retries:
+            raise self.retry(countdown=0)
+        return 7
+
+    result = work.delay(1)
+    assert result.get() == 7
+    assert runs == [0, 1]
+    key = work.redlock_key_for((1,), {})
+    assert [s.get(key) for s in servers] == [None, None, None]
