@@ -415,14 +415,7 @@ class RedlockTask(Task):  # type: ignore[misc]
                 info.holder,
                 _seconds(info.ttl_left),
             )
-            lock_skipped.send(
-                sender=self,
-                task_id=run.task_id,
-                key=run.key,
-                holder=info.holder,
-                ttl_left=info.ttl_left,
-                when="run",
-            )
+            self._redlock_send_skipped(run, info)
             return
         error = DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
         if policy == "retry":
@@ -450,6 +443,13 @@ class RedlockTask(Task):  # type: ignore[misc]
             _seconds(info.ttl_left),
             delay,
         )
+        self._redlock_send_skipped(run, info)
+        self.signature_from_request(countdown=delay).apply_async()
+        run.skipped = True
+        run.done = True
+        raise Ignore()
+
+    def _redlock_send_skipped(self, run: _Run, info: LockInfo) -> None:
         lock_skipped.send(
             sender=self,
             task_id=run.task_id,
@@ -458,10 +458,6 @@ class RedlockTask(Task):  # type: ignore[misc]
             ttl_left=info.ttl_left,
             when="run",
         )
-        self.signature_from_request(countdown=delay).apply_async()
-        run.skipped = True
-        run.done = True
-        raise Ignore()
 
     def _redlock_unavailable(self, run: _Run, error: LockNotAcquired) -> None:
         if run.settings.on_unavailable == "run":

@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.report import replace_block
 from tests.faults.harness import REPO_ROOT, RESULTS_ENV, Result
 from tests.servers import find_redis_server
 
@@ -128,19 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{table}\nwritten to {args.output}")
     if args.readme:
         link = f"Details: [{args.output}]({args.output}).\n\n"
-        write_block(args.readme, "faults-table", link + table)
+        replace_block(args.readme, "faults-table", link + table)
         print(f"and to the faults-table block of {args.readme}")
     return status
-
-
-def write_block(path: Path, name: str, text: str) -> None:
-    """Put ``text`` between ``<!-- name -->`` and ``<!-- /name -->`` in ``path``."""
-    start, end = f"<!-- {name} -->\n", f"<!-- /{name} -->"
-    doc = path.read_text()
-    if start not in doc or end not in doc:
-        raise SystemExit(f"{path} has no {start.strip()} ... {end} block to write into")
-    head, rest = doc.split(start, 1)
-    path.write_text(head + start + text + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The README blocks `make bench` and `make faults` write between their marks."""
+"""The README blocks `make bench` and `make faults` write between their marks
+(both with benchmarks.report.replace_block)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.report import replace_block
-from tests.faults.report import write_block
 
 Writer = Callable[[Path, str, str], None]
 
 
-@pytest.mark.parametrize("write", [replace_block, write_block])
+@pytest.mark.parametrize("write", [replace_block])
 def test_the_block_between_the_marks_is_replaced_and_nothing_else(
     tmp_path: Path, write: Writer
 ) -> None:
@@ -25,7 +25,7 @@ def test_the_block_between_the_marks_is_replaced_and_nothing_else(
     assert readme.read_text() == "# Title\n\n<!-- t -->\nagain\n<!-- /t -->\n\n## After\ntext\n"
 
 
-@pytest.mark.parametrize("write", [replace_block, write_block])
+@pytest.mark.parametrize("write", [replace_block])
 def test_a_file_without_the_marks_is_left_alone_with_a_clear_error(
     tmp_path: Path, write: Writer
 ) -> None:
