@@ -436,8 +436,8 @@ class Redlock:
                 pack(b"SET", key, token, b"NX", b"PX", ttl_ms), enough=self._enough_ok
             )
             granted = [i for i, r in enumerate(replies) if r == b"OK"]
-            held = [i for i, r in enumerate(replies) if r is None]
-            if takeover is not None and held and len(granted) + len(held) >= self.quorum:
+            held = [] if takeover is None else [i for i, r in enumerate(replies) if r is None]
+            if held and len(granted) + len(held) >= self.quorum:
                 # Nodes holding a token: the script takes it over where it is
                 # ``takeover`` (also past a quorum, so the reservation does not linger
                 # there; a node left unread at quorum may keep it until it expires).
