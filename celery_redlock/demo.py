@@ -346,10 +346,16 @@ def _overlaps(intervals: list[tuple[float, float]]) -> int:
 def _wait(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while not predicate():
+        _check_stop()
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
     return True
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(max(0.0, seconds))
+    _check_stop()
 
 
 def _lock_keys(urls: Sequence[str]) -> int:
@@ -434,7 +440,7 @@ def run(
 
         # 2. The periodic job runs; 3. half-way the beat leader is SIGKILLed.
         start = time.monotonic()
-        time.sleep(max(0.0, seconds / 2 - (time.monotonic() - start)))
+        _pause(seconds / 2 - (time.monotonic() - start))
         procs.kill(leader)
         killed_wall, killed = time.time(), time.monotonic()
         say(f"{at()}  SIGKILL {leader.name} (the beat leader)")
@@ -443,7 +449,7 @@ def run(
             say(f"{at()}  {standby.name} leads beat, {report.beat_failover:.1f} s after the kill")
         else:
             report.problems.append(f"{standby.name} did not take over within {BEAT_TTL * 3:g} s")
-        time.sleep(max(0.0, seconds - (time.monotonic() - start)))
+        _pause(seconds - (time.monotonic() - start))
 
         # Let the burst finish: every task either ran or was skipped.
         def accounted() -> bool:
@@ -458,7 +464,7 @@ def run(
         # The last heartbeats sent must run before the workers go.
         with redis.Redis.from_url(broker_url) as broker:
             _wait(lambda: broker.llen("celery") == 0, 10)
-        time.sleep(HEARTBEAT_SECONDS + 0.3)
+        _pause(HEARTBEAT_SECONDS + 0.3)
         procs.stop(workers)
         report.locks_left = _lock_keys(lock_urls)
 
@@ -583,18 +589,34 @@ def _signals_held() -> Iterator[None]:
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+#: Stop signals received. Python drops an exception raised inside a ``__del__``
+#: (a client collected at that moment), so the demo's waits raise it again.
+_STOPPED: list[int] = []
+
+
 def _raise_exit(signum: int, frame: types.FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+    _STOPPED.append(signum)
+    _check_stop()
+
+
+def _check_stop() -> None:
+    """Raise for a stop signal received (KeyboardInterrupt for SIGINT)."""
+    if _STOPPED:
+        if _STOPPED[-1] == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + _STOPPED[-1])
 
 
 @contextlib.contextmanager
-def _exit_on_sigterm() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks stop every child."""
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
+def _exit_on_stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM unwind the demo, so the ``finally`` blocks stop every child."""
+    _STOPPED.clear()
+    previous = {signum: signal.signal(signum, _raise_exit) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -626,7 +648,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         "2 beat instances (Ctrl-C stops it and cleans up)"
     )
     try:
-        with _exit_on_sigterm():
+        with _exit_on_stop_signals():
             report = run(args.seconds, args.accounts, args.copies, say, args.keep)
     except KeyboardInterrupt:
         say("interrupted: every process the demo started is stopped")
