@@ -7,7 +7,10 @@ process builds the same app with :func:`make_app` to publish and read results.
 - ``bench.plain``: ``return i`` (a plain ``Task``);
 - ``bench.locked``: the same body with ``base=RedlockTask`` and every default
   (key: the task name and all arguments, TTL 30 s, renewed while it runs,
-  released when the body ends).
+  released when the body ends), on the lock nodes;
+- ``bench.locked_broker``: the same, its locks on the broker's own Redis
+  server (one node): what ``base=RedlockTask`` does with a Redis broker and
+  ``redlock_servers`` unset.
 
 Environment: :data:`BROKER_ENV` (broker URL), :data:`BACKEND_ENV` (result
 backend URL), :data:`LOCKS_ENV` (lock nodes, comma-separated),
@@ -31,6 +34,7 @@ __all__ = [
     "BACKEND_ENV",
     "BROKER_ENV",
     "LOCKED",
+    "LOCKED_BROKER",
     "LOCKED_OPTIONS_ENV",
     "LOCKS_ENV",
     "PLAIN",
@@ -47,6 +51,7 @@ LOCKED_OPTIONS_ENV = "BENCH_CELERY_LOCKED_OPTIONS"
 
 PLAIN = "bench.plain"
 LOCKED = "bench.locked"
+LOCKED_BROKER = "bench.locked_broker"
 
 
 def _body(i: int) -> int:
@@ -60,9 +65,9 @@ def make_app(
     queue: str,
     locked_options: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The benchmark's app: the two tasks, JSON, results in ``backend``.
+    """The benchmark's app: the three tasks, JSON, results in ``backend``.
 
-    ``locked_options``: extra task options (``redlock_*``) for ``bench.locked``.
+    ``locked_options``: extra task options (``redlock_*``) for both locked tasks.
     """
     app = Celery("bench_celery", set_as_current=False)
     app.conf.update(
@@ -76,7 +81,12 @@ def make_app(
         result_expires=600,
     )
     app.task(name=PLAIN, shared=False)(_body)
-    app.task(name=LOCKED, base=RedlockTask, shared=False, **dict(locked_options or {}))(_body)
+    options = dict(locked_options or {})
+    app.task(name=LOCKED, base=RedlockTask, shared=False, **options)(_body)
+    if broker is not None and broker.startswith(("redis://", "rediss://")):
+        # What redlock_servers unset gives (the app sets it, for bench.locked): the broker.
+        options["redlock_servers"] = broker
+        app.task(name=LOCKED_BROKER, base=RedlockTask, shared=False, **options)(_body)
     return app
 
 

@@ -1,20 +1,22 @@
 """Item 4 of issue 6: Celery tasks through a real prefork worker, with and without the lock.
 
 One ``celery worker -P prefork -c 2`` subprocess (app: ``benchmarks.celery_app``)
-runs two trivial tasks, ``return i``: ``bench.plain`` (a plain ``Task``) and
+runs three trivial tasks, ``return i``: ``bench.plain`` (a plain ``Task``),
 ``bench.locked`` (``base=RedlockTask``, every default: key from all the
-arguments, TTL 30 s, renewed while the body runs, released when it ends).
-The broker and the result backend are a throwaway redis-server of their own;
-the locks go to the suite's 3 nodes. The worker is started once, warmed up
+arguments, TTL 30 s, renewed while the body runs, released when it ends) and
+``bench.locked_broker`` (the same, its locks on the broker's server, as with
+``redlock_servers`` unset and a Redis broker). The broker and the result
+backend are a throwaway redis-server of their own; ``bench.locked``'s locks go
+to the suite's 3 nodes, and the target is checked on it. The worker is started once, warmed up
 (each pool child connects and checks the lock nodes), reused for every round,
 and stopped at the end, also when something fails.
 
 - Throughput: each round publishes N tasks of one kind with ``.delay(i)``
   (distinct arguments, so no call is a duplicate), then waits for all their
   results; tasks/s = N / (last result - first publish). Rounds alternate
-  between the two kinds in a new random order; the ratio is the median of the
+  between the three kinds in a new random order; the ratio is the median of the
   per-round ratios.
-- Latency: one ``.delay(i).get()`` round trip at a time, the two kinds
+- Latency: one ``.delay(i).get()`` round trip at a time, the kinds
   interleaved, medians over many calls; the added latency is the locked
   median minus the plain one.
 
@@ -81,7 +83,10 @@ STOP_TIMEOUT = 10.0
 
 ROOT = Path(__file__).resolve().parent.parent
 
-KINDS = ("plain", "locked")
+#: plain Task; RedlockTask on the 3 lock nodes; RedlockTask on the broker's server
+KINDS = ("plain", "locked", "broker")
+#: Each kind's task in benchmarks.celery_app.
+TASK_NAMES = {"plain": "bench.plain", "locked": "bench.locked", "broker": "bench.locked_broker"}
 
 
 class WorkerError(RuntimeError):
@@ -280,7 +285,7 @@ def measure(
 
     ``meter``: read the CPU used around each throughput batch (outside its timing).
     """
-    tasks = {"plain": app.tasks["bench.plain"], "locked": app.tasks["bench.locked"]}
+    tasks = {kind: app.tasks[TASK_NAMES[kind]] for kind in KINDS}
     results = {kind: KindResult(kind) for kind in KINDS}
     counter = 1_000_000  # distinct arguments across the whole run
     rng = random.Random(seed)
@@ -314,8 +319,8 @@ def measure(
     return results
 
 
-def _ratios(results: dict[str, KindResult]) -> list[float]:
-    return [a / b for a, b in zip(results["locked"].rates, results["plain"].rates)]
+def _ratios(results: dict[str, KindResult], kind: str = "locked") -> list[float]:
+    return [a / b for a, b in zip(results[kind].rates, results["plain"].rates)]
 
 
 @contextlib.contextmanager
@@ -387,15 +392,13 @@ def run(ctx: Context) -> SuiteResult:
         meter = CpuMeter(worker, nodes, broker)
         results = measure(app, worker, batch, rounds, calls, ctx.log, meter)
         commands = [b - a for a, b in zip(commands_before, _lock_commands_run(nodes))]
-        leftover = _lock_keys(nodes)
+        leftover = _lock_keys([*nodes, broker])
 
-    plain, locked = results["plain"], results["locked"]
+    plain, locked, on_broker = results["plain"], results["locked"], results["broker"]
     ratios = _ratios(results)
-    ratio = statistics.median(ratios) if ratios else None
-    spread = None
-    if len(ratios) >= 4:
-        q1, _, q3 = statistics.quantiles(ratios, n=4)
-        spread = (q1, q3)
+    ratio, spread = _median_iqr(ratios)
+    broker_ratios = _ratios(results, "broker")
+    broker_ratio, broker_spread = _median_iqr(broker_ratios)
     # Every locked run must have locked: an acquire (SET NX) and a release per node.
     locked_runs = WARMUP + len(locked.rates) * batch + len(locked.latencies)
     per_task = min(commands) / locked_runs if commands and locked_runs else None
@@ -431,13 +434,18 @@ def run(ctx: Context) -> SuiteResult:
         rows=[
             row(plain, "plain Task"),
             row(locked, "base=RedlockTask (3 lock nodes)"),
+            row(on_broker, "base=RedlockTask (the broker's Redis)"),
         ],
         numeric={1, 2, 3, 4, 5},
     )
     cpu_rows: list[list[str]] = []
     totals: dict[str, float] = {}
     lock_servers: dict[str, float] = {}
-    for r, label in ((plain, "plain Task"), (locked, "base=RedlockTask")):
+    for r, label in (
+        (plain, "plain Task"),
+        (locked, "base=RedlockTask (3 lock nodes)"),
+        (on_broker, "base=RedlockTask (the broker's Redis)"),
+    ):
         parts = [r.cpu_median(part) for part in CPU_PARTS]
         if any(p is None for p in parts):
             continue
@@ -445,13 +453,13 @@ def run(ctx: Context) -> SuiteResult:
         totals[r.kind] = sum(values)
         lock_servers[r.kind] = values[CPU_PARTS.index("lock servers")]
         cpu_rows.append([label, *(f"{v * 1000:.3f}" for v in values), f"{sum(values) * 1000:.3f}"])
-    if len(cpu_rows) == 2:
+    if "plain" in totals and "locked" in totals:
         plain_cpu = [plain.cpu_median(p) or 0.0 for p in CPU_PARTS]
         locked_cpu = [locked.cpu_median(p) or 0.0 for p in CPU_PARTS]
         added_cpu = [b - a for a, b in zip(plain_cpu, locked_cpu)]
         cpu_rows.append(
             [
-                "added by the lock",
+                "added by the lock (3 lock nodes)",
                 *(f"{v * 1000:+.3f}" for v in added_cpu),
                 f"{sum(added_cpu) * 1000:+.3f}",
             ]
@@ -475,6 +483,15 @@ def run(ctx: Context) -> SuiteResult:
             THROUGHPUT_TARGET,
             spread=spread,
             note="" if ratio is not None else "not measured",
+        ),
+        Check(
+            "Celery: locks on the broker's Redis / plain",
+            broker_ratio,
+            None,
+            spread=broker_spread,
+            note="one node: redlock_servers unset, a Redis broker"
+            if broker_ratio is not None
+            else "not measured",
         ),
         Check("Celery: added latency per task", added, None, at_least=False, unit=" ms"),
         Check(
@@ -508,8 +525,12 @@ def run(ctx: Context) -> SuiteResult:
         f"tasks/s: {batch} calls published with .delay(i) (distinct arguments), then every "
         "result waited for; the ratio is the median of the per-round ratios (IQR shown)",
         "added latency: the median delay().get() round trip of the locked task minus the "
-        "plain one's, the two interleaved; each locked run adds an acquire (EVALSHA on the "
-        "3 nodes), a renewal watch, and a release (EVALSHA + PUBLISH) before its result",
+        "plain one's, the kinds interleaved; each locked run adds an acquire (SET NX PX on "
+        "each node), a renewal watch, and a release (one EVALSHA per node: GET, DEL, PUBLISH) "
+        "before its result",
+        "the broker's Redis: the same locked task with its locks on the broker and result "
+        "server (one node), as with redlock_servers unset and a Redis broker; the target is "
+        "checked on the 3 lock nodes",
         "the publisher, the worker, its 2 children and 4 redis-servers share the machine's "
         "CPUs; CPU per task: this process (publisher and result reader), the worker's main "
         "process and pool children (/proc), the redis-servers (INFO cpu), read around each "
@@ -530,6 +551,9 @@ def run(ctx: Context) -> SuiteResult:
             "plain_rates": [round(x, 1) for x in plain.rates],
             "locked_rates": [round(x, 1) for x in locked.rates],
             "ratios": [round(x, 4) for x in ratios],
+            "broker_rates": [round(x, 1) for x in on_broker.rates],
+            "broker_ratios": [round(x, 4) for x in broker_ratios],
+            "broker_latency_ms": _rounded_ms(on_broker.latency),
             "plain_latency_ms": _rounded_ms(plain.latency),
             "locked_latency_ms": _rounded_ms(locked.latency),
             "added_latency_ms": None if added is None else round(added, 3),
@@ -537,11 +561,21 @@ def run(ctx: Context) -> SuiteResult:
             "lock_commands_per_node": commands,
             "cpu_ms_per_task": {
                 r.kind: [{k: round(v * 1000, 4) for k, v in c.items()} for c in r.cpu]
-                for r in (plain, locked)
+                for r in (plain, locked, on_broker)
             },
         },
         seconds=time.monotonic() - started,
     )
+
+
+def _median_iqr(values: Sequence[float]) -> tuple[float | None, tuple[float, float] | None]:
+    """The median of ``values`` and, from 4 values on, their interquartile range."""
+    if not values:
+        return None, None
+    if len(values) < 4:
+        return statistics.median(values), None
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return statistics.median(values), (q1, q3)
 
 
 def _quantile_ms(values: Sequence[float], share: float) -> str:
@@ -639,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         urls = [s.url for s in servers.nodes]
         locks = [NodeAddr(s.host, s.port) for s in servers.nodes]
         with running_worker(urls, log, prefix, stop, options) as (app, worker, broker):
-            task = app.tasks[f"bench.{args.kind}"]
+            task = app.tasks[TASK_NAMES[args.kind]]
             _batch(task, 0, WARMUP * 5, worker)
             meter = CpuMeter(worker, locks, broker)
             before = meter.snapshot()

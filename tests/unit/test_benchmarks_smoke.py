@@ -135,12 +135,12 @@ def test_quick_run_reports_the_handoff_suite(quick_run: QuickRun) -> None:
 
 
 def test_quick_run_reports_the_celery_suite(quick_run: QuickRun) -> None:
-    """Item 4: both kinds ran through the worker, every locked run locked, nothing left."""
+    """Item 4: every kind ran through the worker, every locked run locked, nothing left."""
     suite = quick_run.data["suites"]["celery"]
     data = suite["data"]
     assert data["pool"] == "prefork"
     assert data["concurrency"] == 2
-    for kind in ("plain", "locked"):
+    for kind in ("plain", "locked", "broker"):
         assert len(data[f"{kind}_rates"]) == data["rounds"] >= 1, kind
         assert all(rate > 0 for rate in data[f"{kind}_rates"]), kind
         assert data[f"{kind}_latency_ms"] > 0, kind
@@ -148,15 +148,34 @@ def test_quick_run_reports_the_celery_suite(quick_run: QuickRun) -> None:
     # An acquire (SET NX) and a release (script) on every node for every locked run.
     runs = celery_tasks.WARMUP + data["rounds"] * data["batch"] + data["calls"]
     assert all(count >= 2 * runs for count in data["lock_commands_per_node"])
-    assert data["lock_keys_left"] == [0, 0, 0]
+    assert data["lock_keys_left"] == [0, 0, 0, 0]  # the 3 lock nodes and the broker
+    assert len(data["broker_ratios"]) == data["rounds"]
 
     checks = {c["name"]: c for c in suite["checks"]}
     assert all(c["status"] in STATUSES for c in checks.values())
     ratio = checks["Celery: locked / plain throughput"]
     assert ratio["target"] == celery_tasks.THROUGHPUT_TARGET == 0.85
     assert ratio["status"] in ("PASS", "MISS")
+    on_broker = checks["Celery: locks on the broker's Redis / plain"]
+    assert on_broker["target"] is None
+    assert on_broker["value"] > 0
     assert checks["Celery: lock keys left on the nodes"]["status"] == "PASS"
     assert "| task | tasks/s |" in quick_run.markdown
+
+
+def test_the_broker_kind_locks_on_the_broker_as_an_unset_setting_would() -> None:
+    """bench.locked_broker's locks go where redlock_servers unset sends them: the broker."""
+    from benchmarks.celery_app import LOCKED, LOCKED_BROKER, make_app
+    from celery_redlock.config import resolve_settings
+
+    broker = "redis://127.0.0.1:6390/0"
+    app = make_app(broker, None, ["redis://127.0.0.1:6391/0"], "q")
+    unset = make_app(broker, None, [], "q")
+    on_broker = app.tasks[LOCKED_BROKER]
+    assert on_broker.redlock_settings.servers == (broker,)
+    assert resolve_settings(unset, unset.tasks[LOCKED]).servers == (broker,)
+    assert app.tasks[LOCKED].redlock_settings.servers == ("redis://127.0.0.1:6391/0",)
+    assert LOCKED_BROKER not in make_app("amqp://guest@localhost//", None, [], "q").tasks
 
 
 def test_a_case_whose_lock_is_held_elsewhere_fails_the_run() -> None:
