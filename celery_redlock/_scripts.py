@@ -110,12 +110,15 @@ RELEASE = Script(
     b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
 )
 
-# KEYS[1] the lock key; ARGV[1] an owner's name.
+# KEYS[1] the lock key; ARGV[1] an owner's name; ARGV[2] what follows it in
+# the tokens of the owner's runs ("|"; "" to match any token starting with ARGV[1]).
 # As RELEASE, for the key holding the token ARGV[1] itself or any token
-# "ARGV[1]|..." (one run of that owner: see Redlock.release(owner=True)).
+# "ARGV[1]ARGV[2]..." (one run of that owner: see Redlock.release(owner=True)
+# and prefix=True).
 RELEASE_OWNED = Script(
     b"local v = redis.call('get', KEYS[1]) "
-    b"if v and (v == ARGV[1] or string.sub(v, 1, #ARGV[1] + 1) == ARGV[1] .. '|') then "
+    b"if v and (v == ARGV[1] or string.sub(v, 1, #ARGV[1] + #ARGV[2]) == ARGV[1] .. ARGV[2]) "
+    b"then "
     b"redis.call('del', KEYS[1]) "
     b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
 )

@@ -21,6 +21,7 @@ returning a string (whose digest is used), or ``""`` for the task name alone.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -40,6 +41,7 @@ __all__ = [
     "canonical",
     "check_key_spec",
     "digest",
+    "run_mark",
     "run_token",
     "task_id_of",
 ]
@@ -221,14 +223,31 @@ def _lookup(bound: inspect.BoundArguments, name: str, task_name: str) -> Any:
 _RUN_TOKEN = re.compile(r"(.*)\|[0-9a-f]{12}", re.DOTALL)
 
 
-def run_token(task_id: str) -> str:
+@functools.lru_cache(maxsize=64)
+def run_mark(hostname: str | None, pid: int) -> str:
+    """6 hex digits naming the process that runs a task: its worker's node name and pid.
+
+    A run's token starts with its process's mark (see :func:`run_token`), so
+    the main worker process, which knows the node name and pid of a child it
+    lost or killed, frees that child's run of a task and no other delivery's.
+    """
+    return hashlib.sha256(f"{hostname or ''}:{pid}".encode()).hexdigest()[:6]
+
+
+def run_token(task_id: str, mark: str | None = None) -> str:
     """The lock token of one run of task ``task_id``: ``"<task id>|<12 hex digits>"``.
 
-    Two deliveries of one message (same task id) get different tokens, so the
-    second cannot re-enter the first one's lock. Between a run and its retry
-    the lock is held under the bare task id, which the retried run takes over.
+    The digits are ``mark`` (6, see :func:`run_mark`; random when None), then
+    6 random ones. Two deliveries of one message (same task id) get different
+    tokens, so the second cannot re-enter the first one's lock. Between a run
+    and its retry the lock is held under the bare task id, which the retried
+    run takes over.
     """
-    return f"{task_id}|{secrets.token_hex(6)}"
+    if mark is None:
+        return f"{task_id}|{secrets.token_hex(6)}"
+    if len(mark) != 6 or mark.strip("0123456789abcdef"):
+        raise ValueError(f"a run mark is 6 lowercase hex digits, not {mark!r}")
+    return f"{task_id}|{mark}{secrets.token_hex(3)}"
 
 
 def task_id_of(token: str | None) -> str | None:

@@ -676,6 +676,7 @@ class Redlock:
         *,
         strict: bool = False,
         owner: bool = False,
+        prefix: bool = False,
     ) -> bool:
         """Release a lock on every node; True when its token still held it on a quorum.
 
@@ -685,13 +686,21 @@ class Redlock:
 
         ``owner=True``: ``value`` names an owner, and a key holding ``value``
         itself or any token ``"<value>|..."`` (one of the owner's runs) is
-        deleted: how a Celery worker frees the lock of a task it killed,
-        knowing its task id but not the run's token.
+        deleted. ``prefix=True``: a key holding any token that starts with
+        ``value`` is deleted: how a Celery worker frees the lock of a task
+        run it killed, knowing the task id and the child that ran it
+        (``"<task id>|<mark>"``) but not the run's whole token.
         """
+        if owner and prefix:
+            raise RedlockConfigError(
+                "release() takes owner=True or prefix=True, not both: owner frees "
+                "'<value>' and '<value>|...', prefix any token starting with value"
+            )
         resource, token = self._handle(lock, value)
         key = resource.encode()
-        if owner:  # rare (a worker freeing a killed task's lock): read every reply
-            replies = self._fanout.script(_scripts.RELEASE_OWNED, (key,), (token,))
+        if owner or prefix:  # rare (a worker freeing a killed task's lock): read every reply
+            then = "|" if owner else ""
+            replies = self._fanout.script(_scripts.RELEASE_OWNED, (key,), (token, then))
         else:
             replies = self._fanout.script(
                 _scripts.RELEASE, (key,), (token,), enough=self._enough_one

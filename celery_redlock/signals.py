@@ -29,16 +29,24 @@ arguments::
 
 Handlers connected on Celery's signals (each with a ``dispatch_uid``):
 
-- ``task_revoked`` (main worker process): release the lock of a task that was
-  terminated, revoked or expired, by its task id (the token). After a
-  terminate, :data:`SIGNALLED_RELEASE_DELAY` later, so the child is gone.
-- ``task_failure`` (main worker process): release the lock of a task whose
-  child process died (``WorkerLostError``, at once) or hit its hard time limit
-  (:data:`SIGNALLED_RELEASE_DELAY` later: Celery reports it before the kill).
+A run's token starts with a mark of the child running it (its worker's node
+name and pid, :func:`~celery_redlock.keys.run_mark`), so the main worker
+process frees the run of the child it killed or lost, and not a run of
+another delivery of the same message elsewhere.
+
 - :class:`RedlockRequest` (the worker's request class of a ``RedlockTask``,
-  main worker process): the same for a lost child whose message Celery
-  requeues (``acks_late`` with ``reject_on_worker_lost``) or retries
-  (``retry_on_worker_lost``), where no ``task_failure`` is sent.
+  main worker process): release the lock of the run whose child process died
+  (``WorkerLostError``: at once, before Celery fails, requeues or retries the
+  message) or hit its hard time limit (:data:`SIGNALLED_RELEASE_DELAY` later:
+  Celery reports it before the kill).
+- ``task_revoked`` (main worker process): after a terminate, release the lock
+  of any run of the task id, :data:`SIGNALLED_RELEASE_DELAY` later, so the
+  child is gone (a revoke reaches every worker, and each terminates its
+  delivery). A task revoked or expired before it ran: release what its task
+  id itself holds (a publish lock, or a hold kept for its retry), not a run of
+  another delivery of the same message.
+- ``task_failure`` (main worker process): as :class:`RedlockRequest`, for a
+  task whose request class is not one (by task id: any run of the task).
 - ``task_postrun`` (the process that ran the task): a safety net; the run
   normally releases before its result is stored.
 - ``worker_init``: add a worker bootstep that validates the ``redlock_*``
@@ -57,6 +65,7 @@ from celery.exceptions import TimeLimitExceeded, WorkerLostError
 from celery.signals import task_failure, task_postrun, task_revoked, worker_init
 from celery.utils.dispatch import Signal
 from celery.worker.request import Request
+from kombu.utils.imports import symbol_by_name
 
 __all__ = [
     "RedlockRequest",
@@ -102,6 +111,23 @@ def _is_redlock_task(task: object) -> bool:
     return bool(getattr(task, "__redlock_task__", False))
 
 
+def _process_of(request: Any) -> tuple[str | None, int] | None:
+    """The worker node name and pid of the child running ``request``, when known."""
+    pid = getattr(request, "worker_pid", None)
+    if type(pid) is int and pid > 0:
+        return getattr(request, "hostname", None), pid
+    return None
+
+
+def _has_redlock_request(task: Any) -> bool:
+    """True when the worker builds ``task``'s requests from :class:`RedlockRequest`."""
+    try:
+        cls = symbol_by_name(getattr(task, "Request", None) or Request)  # type: ignore[no-untyped-call]
+    except Exception:
+        return False
+    return isinstance(cls, type) and issubclass(cls, RedlockRequest)
+
+
 def _on_task_revoked(
     sender: Any = None,
     request: Any = None,
@@ -111,16 +137,32 @@ def _on_task_revoked(
 ) -> None:
     if not _is_redlock_task(sender) or request is None:
         return
-    if terminated:  # the child was signalled just now: release once it is gone
+    if terminated:
+        # The child was signalled just now: release once it is gone. By task id: a
+        # revoke reaches every worker, and each terminates its delivery of the task.
         _release_later(sender, request.id, request.args, request.kwargs, "terminated")
         return
-    reason = "expired" if expired else "revoked"  # it never ran: release at once
-    sender._redlock_release_by_id(request.id, request.args, request.kwargs, reason)
+    # It never ran here: free what its task id holds (a publish lock, a retry's), not
+    # a run of another delivery of the same message.
+    reason = "expired" if expired else "revoked"
+    sender._redlock_release_by_id(
+        request.id, request.args, request.kwargs, reason, reservation=True
+    )
 
 
-def _release_later(task: Any, task_id: str, args: Any, kwargs: Any, reason: str) -> None:
+def _release_later(
+    task: Any,
+    task_id: str,
+    args: Any,
+    kwargs: Any,
+    reason: str,
+    process: tuple[str | None, int] | None = None,
+) -> None:
     timer = threading.Timer(
-        SIGNALLED_RELEASE_DELAY, task._redlock_release_by_id, (task_id, args, kwargs, reason)
+        SIGNALLED_RELEASE_DELAY,
+        task._redlock_release_by_id,
+        (task_id, args, kwargs, reason),
+        {"process": process},
     )
     timer.daemon = True
     timer.start()
@@ -134,8 +176,8 @@ def _on_task_failure(
     kwargs: Any = None,
     **_: Any,
 ) -> None:
-    if not _is_redlock_task(sender) or task_id is None:
-        return
+    if not _is_redlock_task(sender) or task_id is None or _has_redlock_request(sender):
+        return  # RedlockRequest frees the run of the very child (on_failure, on_timeout)
     if isinstance(exception, WorkerLostError):
         sender._redlock_release_by_id(task_id, args, kwargs, "worker-lost")
     elif isinstance(exception, TimeLimitExceeded):
@@ -173,12 +215,22 @@ class RedlockRequest(Request):  # type: ignore[misc]
             and not getattr(self, "_already_revoked", False)
         )
         if lost and _is_redlock_task(self.task):
-            # The child is gone; free the lock before Celery requeues or retries the
-            # message, so its new delivery never finds the dead run's lock.
-            self.task._redlock_release_by_id(self.id, self.args, self.kwargs, "worker-lost")
+            # The child is gone; free its run's lock before Celery requeues or retries
+            # the message, so its new delivery never finds the dead run's lock.
+            self.task._redlock_release_by_id(
+                self.id, self.args, self.kwargs, "worker-lost", process=_process_of(self)
+            )
         return super().on_failure(
             exc_info, send_failed_event=send_failed_event, return_ok=return_ok
         )
+
+    def on_timeout(self, soft: bool, timeout: float) -> Any:
+        if not soft and _is_redlock_task(self.task):
+            # Called just before the child is killed: free its run's lock after.
+            _release_later(
+                self.task, self.id, self.args, self.kwargs, "time-limit", _process_of(self)
+            )
+        return super().on_timeout(soft, timeout)
 
 
 class RedlockWorkerStep(bootsteps.StartStopStep):  # type: ignore[misc]

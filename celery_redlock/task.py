@@ -106,6 +106,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -130,7 +131,7 @@ from .config import (
     validate_value,
 )
 from .exceptions import DuplicateTask, LockNotAcquired, QuorumUnavailable, RedlockConfigError
-from .keys import build_key, run_token, task_id_of
+from .keys import build_key, run_mark, run_token, task_id_of
 from .redlock import Lock, LockInfo, Redlock
 from .signals import lock_acquired, lock_lost, lock_released, lock_skipped
 
@@ -368,7 +369,8 @@ class RedlockTask(Task):  # type: ignore[misc]
         super().before_start(task_id, args, kwargs)
         settings = self.redlock_settings
         key = self.redlock_key_for(args, kwargs)
-        run = _Run(key, task_id, run_token(task_id), settings)
+        mark = run_mark(getattr(self.request, "hostname", None), os.getpid())
+        run = _Run(key, task_id, run_token(task_id, mark), settings)
         setattr(self.request, _RUN_ATTR, run)
         started = time.monotonic()
         manager, outcome = self._redlock_take(key, run.token, settings.ttl, settings, task_id)
@@ -634,12 +636,32 @@ class RedlockTask(Task):  # type: ignore[misc]
 
     # -- main worker process --------------------------------------------------
 
-    def _redlock_release_by_id(self, task_id: str, args: Any, kwargs: Any, reason: str) -> bool:
-        """Release the lock held by any run of task ``task_id``, from any process."""
+    def _redlock_release_by_id(
+        self,
+        task_id: str,
+        args: Any,
+        kwargs: Any,
+        reason: str,
+        *,
+        process: tuple[str | None, int] | None = None,
+        reservation: bool = False,
+    ) -> bool:
+        """Release the lock of task ``task_id``, from any process.
+
+        ``process``: the worker node name and pid of the child that ran it:
+        only that child's run is freed (another delivery of the message may
+        hold the key). ``reservation``: the message never ran here: only its
+        task id's own hold (a publish lock, a retry's) is freed. Neither: the
+        task id's hold and any run of it.
+        """
         try:
             key = self.redlock_key_for(args, kwargs)
             manager = get_redlock(self.redlock_settings)
-            released = manager.release(key, task_id, owner=True)
+            if process is not None:
+                run = f"{task_id}|{run_mark(*process)}"
+                released = manager.release(key, run, prefix=True)
+            else:
+                released = manager.release(key, task_id, owner=not reservation)
         except Exception as exc:
             _log.warning(
                 "could not release the lock of task %s[%s] (%s): %s; it expires by its TTL",

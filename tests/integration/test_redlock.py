@@ -679,6 +679,24 @@ def test_release_by_owner_frees_any_run_of_the_owner_and_nothing_else(
     assert [c.get("d") for c in clients] == [b"task-1x"] * N
 
 
+def test_release_by_prefix_frees_the_runs_starting_with_it_and_nothing_else(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    rl = managers()
+    rl.acquire("a", 10, "task-1|abc123def456")  # the run of the child marked abc123
+    rl.acquire("b", 10, "task-1|fed321def456")  # another child's run of the same task
+    rl.acquire("c", 10, "task-1")  # the task id's own hold (a retry's)
+    assert rl.release("a", "task-1|abc123", prefix=True)
+    assert not rl.release("b", "task-1|abc123", prefix=True)
+    assert not rl.release("c", "task-1|abc123", prefix=True)
+    assert [c.get("a") for c in clients] == [None] * N
+    assert [c.get("b") for c in clients] == [b"task-1|fed321def456"] * N
+    assert [c.get("c") for c in clients] == [b"task-1"] * N
+    with pytest.raises(RedlockConfigError, match="owner=True or prefix=True, not both"):
+        rl.release("b", "task-1", owner=True, prefix=True)
+    assert [c.get("b") for c in clients] == [b"task-1|fed321def456"] * N
+
+
 def test_takeover_needs_a_value(managers: Callable[..., Redlock]) -> None:
     rl = managers()
     with pytest.raises(RedlockConfigError, match="needs the new holder's value"):

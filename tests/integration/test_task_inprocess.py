@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import socket
 import threading
 import time
@@ -26,9 +27,9 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject
 from celery.signals import task_retry
 
-from celery_redlock import Redlock
+from celery_redlock import Redlock, signals
 from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
-from celery_redlock.keys import task_id_of
+from celery_redlock.keys import run_mark, run_token, task_id_of
 from celery_redlock.signals import lock_acquired, lock_lost, lock_released, lock_skipped
 from celery_redlock.task import RedlockTask
 from tests.integration.celery_apps.helpers import overlaps, server_url, wait_for
@@ -579,6 +580,70 @@ def test_a_delivery_finding_a_dead_delivery_s_lock_is_not_lost(
     result = t.held.apply_async((tag,), task_id=task_id)
     assert result.get(timeout=RESULT_TIMEOUT) == task_id
     assert STARTED[tag] == [task_id]
+
+
+def test_a_run_s_token_carries_the_mark_of_the_process_running_it(
+    t: SimpleNamespace, rl: Redlock, tag: str
+) -> None:
+    seen: list[Any] = []
+    first_id = str(uuid.uuid4())
+
+    def record(sender: Any, task_id: str, **_: Any) -> None:
+        if task_id == first_id:
+            seen.append(sender.request.hostname)
+
+    lock_acquired.connect(record, weak=False)
+    try:
+        first = t.hold.apply_async((tag,), task_id=first_id)
+        started(tag)
+    finally:
+        lock_acquired.disconnect(record)
+    token = rl.holder(t.hold.redlock_key_for((tag,), {}))
+    GATES[tag].set()
+    assert first.get(timeout=RESULT_TIMEOUT) == first.id
+    assert token is not None
+    assert len(seen) == 1
+    # The node name the worker gave the request, and the pid of the process running
+    # the body (this one): what the main worker process knows of a child it loses.
+    assert token.startswith(f"{first.id}|{run_mark(seen[0], os.getpid())}")
+    assert not token.startswith(f"{first.id}|{run_mark(seen[0], os.getpid() + 1)}")
+
+
+def test_the_main_process_frees_the_run_of_its_own_child_and_no_other_delivery_s(
+    t: SimpleNamespace, rl: Redlock, tag: str, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """A lost or killed child's run is freed by its mark (node name and pid); the same
+    message's run in another worker, with the same pid there, keeps its lock."""
+    task = t.hold
+    key = task.redlock_key_for((tag,), {})
+    task_id = str(uuid.uuid4())
+    elsewhere = run_token(task_id, run_mark("celery@elsewhere", 4242))
+    rl.acquire(key, 30, elsewhere)
+
+    def request(hostname: str, pid: int | None) -> SimpleNamespace:
+        return SimpleNamespace(id=task_id, args=[tag], kwargs={}, hostname=hostname, worker_pid=pid)
+
+    here = signals._process_of(request("celery@here", 4242))
+    assert here == ("celery@here", 4242)
+    assert not task._redlock_release_by_id(task_id, [tag], {}, "worker-lost", process=here)
+    assert rl.holder(key) == elsewhere
+    # Revoked or expired before it ran here: only what its task id itself holds.
+    signals._on_task_revoked(sender=task, request=request("celery@here", None))
+    assert rl.holder(key) == elsewhere
+    there = signals._process_of(request("celery@elsewhere", 4242))
+    assert task._redlock_release_by_id(task_id, [tag], {}, "worker-lost", process=there)
+    assert rl.holder(key) is None
+    assert released(events, task_id) == ["worker-lost"]
+
+    rl.acquire(key, 30, task_id)  # a publish lock, or a hold kept for a retry
+    signals._on_task_revoked(sender=task, request=request("celery@here", None), expired=True)
+    assert rl.holder(key) is None
+    assert released(events, task_id) == ["worker-lost", "expired"]
+    # Without a known child (the pid is not known yet): the task id and any run of it.
+    assert signals._process_of(request("celery@here", None)) is None
+    rl.acquire(key, 30, elsewhere)
+    assert task._redlock_release_by_id(task_id, [tag], {}, "worker-lost")
+    assert rl.holder(key) is None
 
 
 def test_a_retry_with_other_arguments_releases_the_old_key(

@@ -13,7 +13,16 @@ from hypothesis import strategies as st
 from kombu.utils.json import dumps, loads
 
 from celery_redlock.exceptions import RedlockConfigError
-from celery_redlock.keys import bind_arguments, build_key, canonical, check_key_spec, digest
+from celery_redlock.keys import (
+    bind_arguments,
+    build_key,
+    canonical,
+    check_key_spec,
+    digest,
+    run_mark,
+    run_token,
+    task_id_of,
+)
 
 
 def sync_account(account_id: Any, full: bool = False) -> None: ...
@@ -181,3 +190,26 @@ def test_valid_key_specs_pass() -> None:
     for spec in (None, "", ("account_id", "full"), ["full"], lambda **kw: "x"):
         check_key_spec(spec, sync_account, "x")
     check_key_spec(("anything",), with_var, "x")  # **extra accepts any name
+
+
+def test_a_run_mark_names_the_worker_node_and_pid_in_6_hex_digits() -> None:
+    mark = run_mark("celery@a", 4242)
+    assert mark == run_mark("celery@a", 4242)
+    assert len(mark) == 6
+    assert int(mark, 16) >= 0
+    # The same pid on another node, or another pid on the same node: other marks.
+    others = {run_mark(f"celery@{host}", pid) for host in "abcdefgh" for pid in range(4240, 4250)}
+    assert len(others) == 80
+
+
+def test_a_run_token_starts_with_its_mark_and_gives_back_its_task_id() -> None:
+    mark = run_mark("celery@a", 4242)
+    tokens = {run_token("task-1", mark) for _ in range(50)}
+    assert len(tokens) == 50  # each run its own token, even in one process
+    for token in tokens:
+        assert token.startswith(f"task-1|{mark}")
+        assert len(token) == len("task-1|") + 12
+        assert task_id_of(token) == "task-1"
+    assert task_id_of(run_token("a|b")) == "a|b"  # a task id with a bar in it
+    with pytest.raises(ValueError, match="6 lowercase hex digits"):
+        run_token("task-1", "ABCDEF")
