@@ -538,16 +538,18 @@ def _wait_ready(wire: _Wire, deadline: float) -> bool:
     return True
 
 
-def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int) -> bool:
+def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int, settle: bool = True) -> bool:
     """Settle what ``wire`` owes, then send ``packed``; on failure the error is reply ``i``.
 
     Replies an earlier call left unread are read first, and a script the node
     had forgotten runs again before this command: each node runs the commands
-    in the order they were given.
+    in the order they were given. ``settle=False``: the owed replies are of
+    plain commands (nothing to run again): they are read after this send,
+    before its reply.
     """
     try:
         try:
-            if wire.owed:
+            if wire.owed and settle:
                 for again in wire.settle():
                     _resend(wire, again, None)
             wire.send(packed)
@@ -657,9 +659,11 @@ class Fanout:
         ``ok``; the other replies are :data:`UNREAD`. They are read, and a
         NOSCRIPT among them answered with its EVAL, by the next call on those
         connections before it sends anything, so every node still runs the
-        commands in the order they were given. A node may apply a command a
-        moment after this returns. Connections to test doubles are always
-        read through.
+        commands in the order they were given. Replies owed by plain commands
+        only (no fallback: nothing of theirs may have to run again) do not
+        hold the next call back: it sends at once and reads them before its
+        own reply. A node may apply a command a moment after this returns.
+        Connections to test doubles are always read through.
         """
         try:
             wires = self._idle.pop()
@@ -674,10 +678,18 @@ class Fanout:
             _connect_together([wires[i] for i in order if wires[i].sock is None])
             held: set[int] = set()
             for i in order:
-                if wires[i].owed and not wires[i].ready():
-                    held.add(i)  # its earlier reply is still on the way: sent below
-                elif _send(wires[i], packed, replies, i):
-                    sent.append(i)
+                wire = wires[i]
+                if wire.owed and not any(wire.owed):
+                    # Only plain commands' replies are owed: nothing of theirs may have
+                    # to run again, so this command follows them at once; the reading
+                    # below takes theirs first.
+                    if _send(wire, packed, replies, i, settle=False):
+                        sent.append(i)
+                elif not wire.owed or wire.ready():
+                    if _send(wire, packed, replies, i):
+                        sent.append(i)
+                else:
+                    held.add(i)  # a script's reply is still on the way: sent below
             deadline = time.monotonic() + self.timeout
             late = False
             for i in sorted([*sent, *held]) if held else sent:
@@ -703,6 +715,15 @@ class Fanout:
                     continue
                 try:
                     try:
+                        if wire.owed:  # plain replies sent for before this command
+                            wire.settle()
+                            if late and not wire.ready():  # as for any node once one is late
+                                replies[i] = wire.fail(
+                                    redis.TimeoutError(
+                                        f"no reply from {wire.node.name} within {self.timeout}s"
+                                    )
+                                )
+                                continue
                         reply = wire.read()
                     except _Stale:  # the server closed it while idle; our scripts are idempotent
                         wire.send(packed)

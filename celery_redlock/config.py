@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import _process
 from ._nodes import parse_servers, redact
 from .exceptions import RedlockConfigError
 from .keys import KeySpec, check_key_spec
@@ -391,7 +392,7 @@ def get_redlock(settings: RedlockSettings) -> Redlock:
         raise RedlockConfigError(settings.servers_error or "no Redis servers: set redlock_servers")
     key = settings.manager_key
     manager = _managers.get(key)
-    if manager is not None and _owner == os.getpid():
+    if manager is not None and _owner == _process.pid():
         return manager
     with _guard:
         if _owner != os.getpid():

@@ -24,7 +24,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import itertools
 import json
+import os
 import re
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -247,7 +249,19 @@ def run_token(task_id: str, mark: str | None = None) -> str:
         return f"{task_id}|{secrets.token_hex(6)}"
     if len(mark) != 6 or mark.strip("0123456789abcdef"):
         raise ValueError(f"a run mark is 6 lowercase hex digits, not {mark!r}")
-    return f"{task_id}|{mark}{secrets.token_hex(3)}"
+    return f"{task_id}|{mark}{next(_runs) & 0xFFFFFF:06x}"
+
+
+def _new_runs() -> None:
+    global _runs
+    _runs = itertools.count(secrets.randbits(24))
+
+
+#: This process's run counter (its mark tells processes apart): from a random start,
+#: again in a forked child.
+_runs = itertools.count(secrets.randbits(24))
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_runs)
 
 
 def task_id_of(token: str | None) -> str | None:

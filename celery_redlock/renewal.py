@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from . import _process
 from .exceptions import LockExtendError, Vote
 from .redlock import Lock
 
@@ -107,7 +108,7 @@ class Renewer:
         self._stopping = False
 
     def _ensure_own(self) -> None:
-        if self._pid != os.getpid():  # a forked child: nothing of the parent's is ours
+        if self._pid != _process.pid():  # a forked child: nothing of the parent's is ours
             self._reset()
 
     def watch(

@@ -106,7 +106,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -119,7 +118,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
 from celery.utils.time import get_exponential_backoff_interval
 
-from . import renewal
+from . import _process, renewal
 from .config import (
     DEFAULTS,
     RedlockSettings,
@@ -369,7 +368,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         super().before_start(task_id, args, kwargs)
         settings = self.redlock_settings
         key = self.redlock_key_for(args, kwargs)
-        mark = run_mark(getattr(self.request, "hostname", None), os.getpid())
+        mark = run_mark(getattr(self.request, "hostname", None), _process.pid())
         run = _Run(key, task_id, run_token(task_id, mark), settings)
         setattr(self.request, _RUN_ATTR, run)
         started = time.monotonic()

@@ -256,3 +256,29 @@ def test_slow_nodes_under_load_long(
 ) -> None:
     """Latency on a minority/majority under load: never granted past the TTL (30 s)."""
     slow_nodes_under_load(redis_nodes, tmp_path, 30.0, phase=1.5, report=True)
+
+
+def test_a_release_does_not_wait_for_a_slow_node_s_unread_acquire_reply(
+    redis_nodes: list[RedisServer], redis_urls: list[str]
+) -> None:
+    """3 nodes, the last one 300 ms away. The acquire returns at quorum, leaving the
+    slow node's SET reply unread; the release is sent to it at once, behind the SET
+    (a plain command: nothing of it may have to run again), and returns at quorum
+    too. The slow node still runs both in order, so no key is left; the calls after
+    read every reply in order."""
+    delay = 0.3
+    with proxied(redis_nodes[2:3], 1) as (proxies, urls):
+        urls = [*redis_urls[:2], *urls]
+        rl = Redlock(urls, retry_count=1, node_timeout=2.0, version_check=False, logger=None)
+        rl.release(rl.acquire("warm-up", 10))  # connect first: a connect costs round trips
+        proxies[0].set_latency(delay)
+        lock = rl.acquire("slow-last", 10)
+        began = time.monotonic()
+        assert rl.release(lock)
+        assert time.monotonic() - began < delay / 2  # not behind the slow node's reply
+        for _ in range(3):  # each call first reads what the slow node owes, in order
+            rl.release(rl.acquire("slow-last", 10))
+        time.sleep(delay * 2)
+        assert [lock_keys(node) for node in redis_nodes[:3]] == [[], [], []]
+        assert rl.holder("slow-last") is None
+        rl.close()

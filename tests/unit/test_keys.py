@@ -213,3 +213,27 @@ def test_a_run_token_starts_with_its_mark_and_gives_back_its_task_id() -> None:
     assert task_id_of(run_token("a|b")) == "a|b"  # a task id with a bar in it
     with pytest.raises(ValueError, match="6 lowercase hex digits"):
         run_token("task-1", "ABCDEF")
+
+
+def test_a_forked_child_counts_its_runs_afresh_and_knows_its_own_pid() -> None:
+    """The run counter and the kept pid are made again in a forked child."""
+    import os
+
+    from celery_redlock import _process
+
+    assert _process.pid() == os.getpid()
+    mark = run_mark("celery@a", 1)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.write(write, f"{_process.pid()} {os.getpid()} {run_token('t', mark)}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 200).decode().split()
+    os.waitpid(child, 0)
+    os.close(read)
+    assert said[0] == said[1] == str(child)
+    # From a new random start: not the parent's next token (1 in 16.7 million to match).
+    assert said[2] != run_token("t", mark)

@@ -1,4 +1,4 @@
-"""The core (redlock, renewal, _nodes, _scripts, _wakeup, exceptions) imports no celery."""
+"""The core (redlock, renewal, _nodes, _scripts, _wakeup, _process, exceptions): no celery."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ CORE = [
     "celery_redlock._scripts",
     "celery_redlock._nodes",
     "celery_redlock._wakeup",
+    "celery_redlock._process",
     "celery_redlock.redlock",
     "celery_redlock.renewal",
 ]
