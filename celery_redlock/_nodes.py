@@ -512,6 +512,38 @@ class _Wire:
             return True
         return bool(select.select([sock], [], [], 0)[0])
 
+    def owed_ready(self) -> bool:
+        """True when every reply owed by earlier calls can be read without waiting.
+
+        What has come is kept for :meth:`read`; a closed or failed connection
+        counts as ready (``read()`` meets the error and reports it).
+        """
+        if not self.raw:
+            return self.ready()
+        while not _holds(self.buf, len(self.owed)):
+            sock = self.sock
+            if sock is None:
+                return True
+            try:
+                if _DONTWAIT and type(sock) is socket.socket and sock.gettimeout() is None:
+                    try:
+                        chunk = sock.recv(65536, _DONTWAIT)
+                    except BlockingIOError:
+                        return False
+                elif (hasattr(sock, "pending") and sock.pending()) or select.select(
+                    [sock], [], [], 0
+                )[0]:
+                    chunk = sock.recv(65536)
+                else:
+                    return False
+            except OSError:
+                return True
+            if not chunk:
+                return True
+            self.buf += chunk
+            self.used = True
+        return True
+
     def settle(self) -> list[Callable[[], bytes]]:
         """Read the replies owed by earlier calls; the EVALs to re-send for NOSCRIPT ones."""
         owed, self.owed = self.owed, []
@@ -528,9 +560,20 @@ class _Wire:
             conn.disconnect()
 
 
+def _holds(buf: bytes, count: int) -> bool:
+    """True when ``buf`` starts with ``count`` whole replies."""
+    pos = 0
+    for _ in range(count):
+        try:
+            _, pos = _parse(buf, pos)
+        except _Incomplete:
+            return False
+    return True
+
+
 def _wait_ready(wire: _Wire, deadline: float) -> bool:
-    """Wait until ``wire`` has a reply to read, or ``deadline``; whether it has."""
-    while not wire.ready():
+    """Wait until every reply ``wire`` owes can be read, or ``deadline``; whether they can."""
+    while not wire.owed_ready():
         left = deadline - time.monotonic()
         if left <= 0:
             return False
@@ -685,7 +728,7 @@ class Fanout:
                     # below takes theirs first.
                     if _send(wire, packed, replies, i, settle=False):
                         sent.append(i)
-                elif not wire.owed or wire.ready():
+                elif not wire.owed or wire.owed_ready():
                     if _send(wire, packed, replies, i):
                         sent.append(i)
                 else:
@@ -716,8 +759,9 @@ class Fanout:
                 try:
                     try:
                         if wire.owed:  # plain replies sent for before this command
-                            wire.settle()
-                            if late and not wire.ready():  # as for any node once one is late
+                            if not late or wire.owed_ready():  # once one is late: no wait
+                                wire.settle()
+                            if late and (wire.owed or not wire.ready()):
                                 replies[i] = wire.fail(
                                     redis.TimeoutError(
                                         f"no reply from {wire.node.name} within {self.timeout}s"

@@ -474,3 +474,38 @@ def wait_until(check: Callable[[], bool], timeout: float = 2.0) -> bool:
             return True
         time.sleep(0.01)
     return False
+
+
+@pytest.mark.parametrize("python_timeout", [None, 0.5])
+def test_owed_ready_waits_for_every_reply_owed_not_only_the_first(
+    python_timeout: float | None,
+) -> None:
+    """A connection may owe a plain command's reply and then a script's (a release
+    sent behind an unread acquire): the next call may send only once both can be
+    read, or it would block on the second without its deadline."""
+    import socket as socket_mod
+
+    from celery_redlock._nodes import _Wire
+
+    a, b = socket_mod.socketpair()
+    try:
+        a.settimeout(python_timeout)
+        wire = _Wire.__new__(_Wire)
+        wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", object(), False
+        wire.owed = [None, lambda: b"EVAL"]
+        assert not wire.owed_ready()
+        b.sendall(b"+OK\r\n")  # the acquire's reply alone
+        assert not wait_until(wire.owed_ready, timeout=0.2)
+        assert wire.ready()  # a reply is there: ready() alone would let the call send
+        b.sendall(b":1")  # the release's reply, cut short
+        assert not wait_until(wire.owed_ready, timeout=0.2)
+        b.sendall(b"\r\n")
+        assert wait_until(wire.owed_ready)
+        assert wire.settle() == []
+        assert (wire.owed, wire.buf) == ([], b"")
+        wire.owed = [None]
+        b.close()  # closed: ready, so that read() meets the end and reports it
+        assert wire.owed_ready()
+    finally:
+        a.close()
+        b.close()
