@@ -1,14 +1,17 @@
-"""This process's pid without a system call per use: kept, and reset in a forked child.
+"""This process's pid and its machine's host name, without a system call per use.
 
-For the per-task paths that check they are not running in a fork of the
-process that made their state (one ``getpid()`` each would be a system call).
+The pid is kept and reset in a forked child: for the per-task paths that
+check they are not running in a fork of the process that made their state
+(one ``getpid()`` each would be a system call).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 
-__all__ = ["pid"]
+__all__ = ["hostname", "pid"]
 
 _pid = os.getpid()
 
@@ -27,3 +30,9 @@ if hasattr(os, "register_at_fork"):
 
 else:  # pragma: no cover - every POSIX Python has register_at_fork
     pid = os.getpid
+
+
+@functools.lru_cache(maxsize=1)
+def hostname() -> str:
+    """This machine's host name (``socket.gethostname()``, read once)."""
+    return socket.gethostname()

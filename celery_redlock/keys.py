@@ -34,6 +34,7 @@ from typing import Any, Union
 
 from kombu.utils.json import JSONEncoder
 
+from . import _process
 from .exceptions import RedlockConfigError
 
 __all__ = [
@@ -226,21 +227,24 @@ _RUN_TOKEN = re.compile(r"(.*)\|[0-9a-f]{12}", re.DOTALL)
 
 
 @functools.lru_cache(maxsize=64)
-def run_mark(hostname: str | None, pid: int) -> str:
-    """6 hex digits naming the process that runs a task: its worker's node name and pid.
+def run_mark(pid: int, hostname: str | None = None) -> str:
+    """6 hex digits naming the process that runs a task: its machine's host name and pid.
 
     A run's token starts with its process's mark (see :func:`run_token`), so
-    the main worker process, which knows the node name and pid of a child it
-    lost or killed, frees that child's run of a task and no other delivery's.
+    the main worker process, which knows the pid of a child it lost or killed
+    (on its own machine), frees that child's run of a task and no other
+    delivery's. ``hostname``: this machine's (``socket.gethostname()``) when None.
     """
-    return hashlib.sha256(f"{hostname or ''}:{pid}".encode()).hexdigest()[:6]
+    host = _process.hostname() if hostname is None else hostname
+    return hashlib.sha256(f"{host}:{pid}".encode()).hexdigest()[:6]
 
 
 def run_token(task_id: str, mark: str | None = None) -> str:
     """The lock token of one run of task ``task_id``: ``"<task id>|<12 hex digits>"``.
 
-    The digits are ``mark`` (6, see :func:`run_mark`; random when None), then
-    6 random ones. Two deliveries of one message (same task id) get different
+    The digits are ``mark`` (6, see :func:`run_mark`), then 6 of a counter of
+    this process's runs from a random start; 12 random ones when ``mark`` is
+    None. Two deliveries of one message (same task id) get different
     tokens, so the second cannot re-enter the first one's lock. Between a run
     and its retry the lock is held under the bare task id, which the retried
     run takes over.

@@ -29,10 +29,10 @@ arguments::
 
 Handlers connected on Celery's signals (each with a ``dispatch_uid``):
 
-A run's token starts with a mark of the child running it (its worker's node
-name and pid, :func:`~celery_redlock.keys.run_mark`), so the main worker
-process frees the run of the child it killed or lost, and not a run of
-another delivery of the same message elsewhere.
+A run's token starts with a mark of the process running it (its machine's
+host name and pid, :func:`~celery_redlock.keys.run_mark`), so the main
+worker process frees the run of the child it killed or lost, and not a run
+of another delivery of the same message elsewhere.
 
 - :class:`RedlockRequest` (the worker's request class of a ``RedlockTask``,
   main worker process): release the lock of the run whose child process died
@@ -111,12 +111,10 @@ def _is_redlock_task(task: object) -> bool:
     return bool(getattr(task, "__redlock_task__", False))
 
 
-def _process_of(request: Any) -> tuple[str | None, int] | None:
-    """The worker node name and pid of the child running ``request``, when known."""
+def _child_of(request: Any) -> int | None:
+    """The pid of the pool child running ``request``, when known."""
     pid = getattr(request, "worker_pid", None)
-    if type(pid) is int and pid > 0:
-        return getattr(request, "hostname", None), pid
-    return None
+    return pid if type(pid) is int and pid > 0 else None
 
 
 def _has_redlock_request(task: Any) -> bool:
@@ -156,13 +154,13 @@ def _release_later(
     args: Any,
     kwargs: Any,
     reason: str,
-    process: tuple[str | None, int] | None = None,
+    child: int | None = None,
 ) -> None:
     timer = threading.Timer(
         SIGNALLED_RELEASE_DELAY,
         task._redlock_release_by_id,
         (task_id, args, kwargs, reason),
-        {"process": process},
+        {"child": child},
     )
     timer.daemon = True
     timer.start()
@@ -196,12 +194,15 @@ def _on_task_postrun(
 class RedlockRequest(Request):  # type: ignore[misc]
     """The request class of :class:`~celery_redlock.task.RedlockTask` (main worker process).
 
-    When the child running the task is lost, frees the task's lock at once,
+    When the child running the task is lost, frees that child's run of the
+    task at once (or the task id's own hold it had not taken over yet),
     whatever Celery does with the message next: with ``acks_late`` and
     ``reject_on_worker_lost`` it is requeued and with ``retry_on_worker_lost``
     retried, and in both cases no ``task_failure`` is sent. The dead run's
     lock would otherwise keep the key until it expires, while duplicates
-    queued before the new delivery wait for it.
+    queued before the new delivery wait for it. On a hard time limit
+    (:meth:`on_timeout`, called before the child is killed) the same is
+    freed :data:`SIGNALLED_RELEASE_DELAY` later.
     """
 
     def on_failure(
@@ -218,7 +219,7 @@ class RedlockRequest(Request):  # type: ignore[misc]
             # The child is gone; free its run's lock before Celery requeues or retries
             # the message, so its new delivery never finds the dead run's lock.
             self.task._redlock_release_by_id(
-                self.id, self.args, self.kwargs, "worker-lost", process=_process_of(self)
+                self.id, self.args, self.kwargs, "worker-lost", child=_child_of(self)
             )
         return super().on_failure(
             exc_info, send_failed_event=send_failed_event, return_ok=return_ok
@@ -228,7 +229,7 @@ class RedlockRequest(Request):  # type: ignore[misc]
         if not soft and _is_redlock_task(self.task):
             # Called just before the child is killed: free its run's lock after.
             _release_later(
-                self.task, self.id, self.args, self.kwargs, "time-limit", _process_of(self)
+                self.task, self.id, self.args, self.kwargs, "time-limit", _child_of(self)
             )
         return super().on_timeout(soft, timeout)
 

@@ -368,8 +368,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         super().before_start(task_id, args, kwargs)
         settings = self.redlock_settings
         key = self.redlock_key_for(args, kwargs)
-        mark = run_mark(getattr(self.request, "hostname", None), _process.pid())
-        run = _Run(key, task_id, run_token(task_id, mark), settings)
+        run = _Run(key, task_id, run_token(task_id, run_mark(_process.pid())), settings)
         setattr(self.request, _RUN_ATTR, run)
         started = time.monotonic()
         manager, outcome = self._redlock_take(key, run.token, settings.ttl, settings, task_id)
@@ -642,23 +641,24 @@ class RedlockTask(Task):  # type: ignore[misc]
         kwargs: Any,
         reason: str,
         *,
-        process: tuple[str | None, int] | None = None,
+        child: int | None = None,
         reservation: bool = False,
     ) -> bool:
         """Release the lock of task ``task_id``, from any process.
 
-        ``process``: the worker node name and pid of the child that ran it:
-        only that child's run is freed (another delivery of the message may
-        hold the key). ``reservation``: the message never ran here: only its
-        task id's own hold (a publish lock, a retry's) is freed. Neither: the
-        task id's hold and any run of it.
+        ``child``: the pid of the pool child (on this machine) that ran it:
+        that child's run, or the task id's own hold it had not taken over yet,
+        is freed, and no other delivery's run. ``reservation``: the message
+        never ran here: only the task id's own hold (a publish lock, a
+        retry's) is freed. Neither: the task id's hold and any run of it.
         """
         try:
             key = self.redlock_key_for(args, kwargs)
             manager = get_redlock(self.redlock_settings)
-            if process is not None:
-                run = f"{task_id}|{run_mark(*process)}"
+            if child is not None:
+                run = f"{task_id}|{run_mark(child)}"
                 released = manager.release(key, run, prefix=True)
+                released = manager.release(key, task_id) or released
             else:
                 released = manager.release(key, task_id, owner=not reservation)
         except Exception as exc:

@@ -585,62 +585,57 @@ def test_a_delivery_finding_a_dead_delivery_s_lock_is_not_lost(
 def test_a_run_s_token_carries_the_mark_of_the_process_running_it(
     t: SimpleNamespace, rl: Redlock, tag: str
 ) -> None:
-    seen: list[Any] = []
-    first_id = str(uuid.uuid4())
-
-    def record(sender: Any, task_id: str, **_: Any) -> None:
-        if task_id == first_id:
-            seen.append(sender.request.hostname)
-
-    lock_acquired.connect(record, weak=False)
-    try:
-        first = t.hold.apply_async((tag,), task_id=first_id)
-        started(tag)
-    finally:
-        lock_acquired.disconnect(record)
+    first = t.hold.delay(tag)
+    started(tag)
     token = rl.holder(t.hold.redlock_key_for((tag,), {}))
     GATES[tag].set()
     assert first.get(timeout=RESULT_TIMEOUT) == first.id
     assert token is not None
-    assert len(seen) == 1
-    # The node name the worker gave the request, and the pid of the process running
-    # the body (this one): what the main worker process knows of a child it loses.
-    assert token.startswith(f"{first.id}|{run_mark(seen[0], os.getpid())}")
-    assert not token.startswith(f"{first.id}|{run_mark(seen[0], os.getpid() + 1)}")
+    # This machine's host name and the pid of the process running the body (this one,
+    # with the threads pool): what the main worker process knows of a child it loses.
+    assert token.startswith(f"{first.id}|{run_mark(os.getpid(), socket.gethostname())}")
+    assert not token.startswith(f"{first.id}|{run_mark(os.getpid() + 1)}")
 
 
 def test_the_main_process_frees_the_run_of_its_own_child_and_no_other_delivery_s(
     t: SimpleNamespace, rl: Redlock, tag: str, events: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    """A lost or killed child's run is freed by its mark (node name and pid); the same
-    message's run in another worker, with the same pid there, keeps its lock."""
+    """A lost or killed child's run is freed by its mark (host name and pid); the same
+    message's run on another machine, with the same pid there, keeps its lock."""
     task = t.hold
     key = task.redlock_key_for((tag,), {})
     task_id = str(uuid.uuid4())
-    elsewhere = run_token(task_id, run_mark("celery@elsewhere", 4242))
+    elsewhere = run_token(task_id, run_mark(4242, "elsewhere"))
     rl.acquire(key, 30, elsewhere)
 
-    def request(hostname: str, pid: int | None) -> SimpleNamespace:
-        return SimpleNamespace(id=task_id, args=[tag], kwargs={}, hostname=hostname, worker_pid=pid)
+    def request(pid: int | None) -> SimpleNamespace:
+        return SimpleNamespace(id=task_id, args=[tag], kwargs={}, worker_pid=pid)
 
-    here = signals._process_of(request("celery@here", 4242))
-    assert here == ("celery@here", 4242)
-    assert not task._redlock_release_by_id(task_id, [tag], {}, "worker-lost", process=here)
+    child = signals._child_of(request(4242))
+    assert child == 4242
+    assert not task._redlock_release_by_id(task_id, [tag], {}, "worker-lost", child=child)
     assert rl.holder(key) == elsewhere
     # Revoked or expired before it ran here: only what its task id itself holds.
-    signals._on_task_revoked(sender=task, request=request("celery@here", None))
+    signals._on_task_revoked(sender=task, request=request(None))
     assert rl.holder(key) == elsewhere
-    there = signals._process_of(request("celery@elsewhere", 4242))
-    assert task._redlock_release_by_id(task_id, [tag], {}, "worker-lost", process=there)
+    rl.release(key, elsewhere)
+
+    mine = run_token(task_id, run_mark(4242))  # the run of this machine's child 4242
+    rl.acquire(key, 30, mine)
+    assert task._redlock_release_by_id(task_id, [tag], {}, "worker-lost", child=child)
     assert rl.holder(key) is None
-    assert released(events, task_id) == ["worker-lost"]
+    # A child lost before it took over its task id's hold (a publish lock): freed too.
+    rl.acquire(key, 30, task_id)
+    assert task._redlock_release_by_id(task_id, [tag], {}, "time-limit", child=child)
+    assert rl.holder(key) is None
+    assert released(events, task_id) == ["worker-lost", "time-limit"]
 
     rl.acquire(key, 30, task_id)  # a publish lock, or a hold kept for a retry
-    signals._on_task_revoked(sender=task, request=request("celery@here", None), expired=True)
+    signals._on_task_revoked(sender=task, request=request(None), expired=True)
     assert rl.holder(key) is None
-    assert released(events, task_id) == ["worker-lost", "expired"]
+    assert released(events, task_id) == ["worker-lost", "time-limit", "expired"]
     # Without a known child (the pid is not known yet): the task id and any run of it.
-    assert signals._process_of(request("celery@here", None)) is None
+    assert signals._child_of(request(None)) is None
     rl.acquire(key, 30, elsewhere)
     assert task._redlock_release_by_id(task_id, [tag], {}, "worker-lost")
     assert rl.holder(key) is None

@@ -192,18 +192,21 @@ def test_valid_key_specs_pass() -> None:
     check_key_spec(("anything",), with_var, "x")  # **extra accepts any name
 
 
-def test_a_run_mark_names_the_worker_node_and_pid_in_6_hex_digits() -> None:
-    mark = run_mark("celery@a", 4242)
-    assert mark == run_mark("celery@a", 4242)
+def test_a_run_mark_names_the_host_and_pid_in_6_hex_digits() -> None:
+    import socket
+
+    mark = run_mark(4242, "a")
+    assert mark == run_mark(4242, "a")
     assert len(mark) == 6
     assert int(mark, 16) >= 0
-    # The same pid on another node, or another pid on the same node: other marks.
-    others = {run_mark(f"celery@{host}", pid) for host in "abcdefgh" for pid in range(4240, 4250)}
+    assert run_mark(4242) == run_mark(4242, socket.gethostname())  # this machine's
+    # The same pid on another host, or another pid on the same host: other marks.
+    others = {run_mark(pid, f"host-{host}") for host in "abcdefgh" for pid in range(4240, 4250)}
     assert len(others) == 80
 
 
 def test_a_run_token_starts_with_its_mark_and_gives_back_its_task_id() -> None:
-    mark = run_mark("celery@a", 4242)
+    mark = run_mark(4242, "a")
     tokens = {run_token("task-1", mark) for _ in range(50)}
     assert len(tokens) == 50  # each run its own token, even in one process
     for token in tokens:
@@ -222,7 +225,7 @@ def test_a_forked_child_counts_its_runs_afresh_and_knows_its_own_pid() -> None:
     from celery_redlock import _process
 
     assert _process.pid() == os.getpid()
-    mark = run_mark("celery@a", 1)
+    mark = run_mark(1, "a")
     read, write = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
