@@ -103,11 +103,13 @@ FENCE_WRITE = Script(
 
 # KEYS[1] the lock key; ARGV[1] the owner's token.
 # Deletes the key only if it holds the caller's token, and then publishes the
-# key on the channel "celery_redlock:released" to wake waiters (see _wakeup.py).
+# key on the channel "celery_redlock:released:<key>" to wake its waiters (see
+# _wakeup.py).
 # Returns 1 when deleted, 0 when the key was absent or held by another token.
 RELEASE = Script(
     b"if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
-    b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
+    b"redis.call('publish', 'celery_redlock:released:' .. KEYS[1], KEYS[1]) return 1 end "
+    b"return 0"
 )
 
 # KEYS[1] the lock key; ARGV[1] an owner's name; ARGV[2] what follows it in
@@ -120,7 +122,8 @@ RELEASE_OWNED = Script(
     b"if v and (v == ARGV[1] or string.sub(v, 1, #ARGV[1] + #ARGV[2]) == ARGV[1] .. ARGV[2]) "
     b"then "
     b"redis.call('del', KEYS[1]) "
-    b"redis.call('publish', 'celery_redlock:released', KEYS[1]) return 1 end return 0"
+    b"redis.call('publish', 'celery_redlock:released:' .. KEYS[1], KEYS[1]) return 1 end "
+    b"return 0"
 )
 
 # KEYS[1] the lock key; ARGV[1] the owner's token; ARGV[2] the new token;

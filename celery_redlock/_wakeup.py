@@ -1,12 +1,15 @@
 """Wake-ups for waiters: a lock's release is announced, so a waiter need not poll.
 
-The release script publishes the released key on :data:`CHANNEL` on every
-node that deleted it. A process that waits for a lock (``wait=``) starts one
-listener thread per node, subscribed to that channel; each waiter registers
-an event for its key and is woken by the first announcement from any node.
-Polling at the retry delay stays as the fallback (a lock that expires is not
-announced, a listener may be reconnecting), so a lost message costs latency,
-never correctness.
+The release script publishes the released key on the key's own channel,
+:func:`channel` (``"celery_redlock:released:" + key``), on every node that
+deleted it. A process that waits for a lock (``wait=``) starts one listener
+thread per node; each thread subscribes to the channels of the keys this
+process waits for (and, for :data:`LINGER` seconds after their last waiter
+left, the keys it waited for), so a process hears of no other key's release.
+Each waiter registers an event for its key and is woken by the first
+announcement from any node. Polling at the retry delay stays as the fallback
+(a lock that expires is not announced, a listener may be reconnecting or not
+yet subscribed), so a lost message costs latency, never correctness.
 
 Kept apart from :mod:`.redlock` because it is the one part with threads of
 its own. Imports no celery.
@@ -14,25 +17,43 @@ its own. Imports no celery.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import selectors
+import socket
 import threading
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 
 from ._nodes import Node
 
-__all__ = ["CHANNEL", "Listener"]
+__all__ = ["CHANNEL", "LINGER", "Listener", "channel"]
 
-#: The channel the release script publishes each released key on.
+#: The start of every release channel: a key's release is published on :func:`channel`.
 CHANNEL = b"celery_redlock:released"
+#: Seconds a key stays subscribed after its last waiter left (a process that waits
+#: again soon is not unsubscribed and subscribed again in between).
+LINGER = 2.0
 #: Seconds a listener waits before reconnecting to a node that failed.
 RECONNECT_DELAY = 1.0
 #: Socket timeout of a listener's connection (a stopped node cannot hold it forever).
 LISTEN_TIMEOUT = 10.0
+#: Most seconds a listener thread sleeps before it looks at its stop flag and its keys.
+IDLE_WAIT = 1.0
+#: Seconds between two reads of a subscribed connection that is not a real socket
+#: (a test double such as fakeredis), which a selector cannot watch.
+POLL_WAIT = 0.02
 
 _log = logging.getLogger(__name__)
+
+
+def channel(key: bytes) -> bytes:
+    """The channel a release of ``key`` is announced on (the message is the key)."""
+    return CHANNEL + b":" + key
 
 
 class Listener:
@@ -41,17 +62,23 @@ class Listener:
     def __init__(self, nodes: Sequence[Node]) -> None:
         self.nodes = tuple(nodes)
         self._waiters: dict[bytes, set[threading.Event]] = {}
+        self._left: dict[bytes, float] = {}  # key -> when its last waiter left
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._pid = 0
+        self._nudges: list[int] = []  # write ends of the listener threads' pipes
 
     def register(self, key: bytes) -> threading.Event:
         """An event set whenever ``key`` is announced released; :meth:`unregister` it after."""
         event = threading.Event()
         with self._mutex:
-            self._waiters.setdefault(key, set()).add(event)
             if self._pid != os.getpid():
                 self._start()
+            new = key not in self._waiters and key not in self._left
+            self._waiters.setdefault(key, set()).add(event)
+            self._left.pop(key, None)
+            if new:  # the threads subscribe to its channel now, not at their next look
+                self._nudge()
         return event
 
     def unregister(self, key: bytes, event: threading.Event) -> None:
@@ -61,19 +88,45 @@ class Listener:
                 events.discard(event)
                 if not events:
                     del self._waiters[key]
+                    self._left[key] = time.monotonic()
+
+    def subscribed_keys(self) -> set[bytes]:
+        """The keys whose channels the threads keep subscribed (waited for, or lingering)."""
+        now = time.monotonic()
+        with self._mutex:
+            for key, left in list(self._left.items()):
+                if now - left >= LINGER:
+                    del self._left[key]
+            return set(self._waiters) | set(self._left)
 
     def close(self) -> None:
-        """Stop the listener threads (they exit within their poll interval)."""
+        """Stop the listener threads (at once; at the latest within :data:`IDLE_WAIT`)."""
         self._stop.set()
+        with self._mutex:
+            self._nudge()
+
+    def _nudge(self) -> None:
+        # Called with the mutex held (a thread closes its pipe only under it).
+        for fd in self._nudges:
+            with contextlib.suppress(OSError):  # full: it has been nudged already
+                os.write(fd, b"!")
 
     def _start(self) -> None:
         # Called with the mutex held, once per process (threads do not survive fork).
+        for fd in self._nudges:  # a parent's pipes, inherited by this forked child
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._nudges = []
         self._pid = os.getpid()
         self._stop = threading.Event()
         for node in self.nodes:
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            self._nudges.append(write)
             thread = threading.Thread(
                 target=self._listen,
-                args=(node, self._stop),
+                args=(node, self._stop, read, write),
                 name=f"celery_redlock-wakeup-{node.name}",
                 daemon=True,
             )
@@ -85,32 +138,82 @@ class Listener:
         for event in events:
             event.set()
 
-    def _listen(self, node: Node, stop: threading.Event) -> None:
-        while not stop.is_set():
-            kwargs = dict(node.connection_kwargs)
-            kwargs.update(
-                socket_timeout=LISTEN_TIMEOUT,
-                socket_connect_timeout=LISTEN_TIMEOUT,
-                socket_keepalive=True,
-                decode_responses=False,
-            )
-            pool = redis.ConnectionPool(connection_class=node.connection_class, **kwargs)
-            client = redis.Redis(connection_pool=pool)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-            try:
-                pubsub.subscribe(CHANNEL)
-                while not stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        data = message.get("data")
-                        if isinstance(data, bytes):
-                            self._wake(data)
-            except Exception as exc:
-                _log.debug("release listener on %s failed: %s; reconnecting", node.name, exc)
-                stop.wait(RECONNECT_DELAY)
-            finally:
+    def _listen(self, node: Node, stop: threading.Event, nudged: int, nudge: int) -> None:
+        try:
+            while not stop.is_set():
                 try:
-                    pubsub.close()
-                    pool.disconnect()
-                except Exception:  # pragma: no cover - closing a broken connection
-                    pass
+                    self._listen_once(node, stop, nudged)
+                except Exception as exc:
+                    _log.debug("release listener on %s failed: %s; reconnecting", node.name, exc)
+                    stop.wait(RECONNECT_DELAY)
+        finally:
+            with self._mutex:
+                if nudge in self._nudges:
+                    self._nudges.remove(nudge)
+                for fd in (nudge, nudged):
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+    def _listen_once(self, node: Node, stop: threading.Event, nudged: int) -> None:
+        """One connection to ``node``: keep its subscriptions, wake waiters, until it fails."""
+        kwargs = dict(node.connection_kwargs)
+        kwargs.update(
+            socket_timeout=LISTEN_TIMEOUT,
+            socket_connect_timeout=LISTEN_TIMEOUT,
+            socket_keepalive=True,
+            decode_responses=False,
+        )
+        pool = redis.ConnectionPool(connection_class=node.connection_class, **kwargs)
+        client = redis.Redis(connection_pool=pool)
+        pubsub: Any = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+        selector = selectors.DefaultSelector()
+        selector.register(nudged, selectors.EVENT_READ)
+        subscribed: set[bytes] = set()
+        watched: Any = None  # the pubsub socket the selector watches, while subscribed
+        try:
+            while not stop.is_set():
+                wanted = self.subscribed_keys()
+                if wanted - subscribed:
+                    pubsub.subscribe(*(channel(k) for k in wanted - subscribed))
+                if subscribed - wanted:
+                    pubsub.unsubscribe(*(channel(k) for k in subscribed - wanted))
+                subscribed = wanted
+                # Watched only while subscribed: the replies to a last UNSUBSCRIBE are
+                # left in the socket until the next SUBSCRIBE reads past them.
+                sock = getattr(pubsub.connection, "_sock", None) if subscribed else None
+                if sock is not watched:
+                    if watched is not None:
+                        selector.unregister(watched)
+                        watched = None
+                    if isinstance(sock, socket.socket):
+                        selector.register(sock, selectors.EVENT_READ)
+                        watched = sock
+                wait = IDLE_WAIT
+                if subscribed:
+                    self._drain(pubsub)
+                    if watched is None:  # not a socket (a test double such as fakeredis): poll
+                        wait = POLL_WAIT
+                for ready, _ in selector.select(wait):
+                    if ready.fd == nudged:
+                        with contextlib.suppress(OSError):
+                            os.read(nudged, 512)
+        finally:
+            selector.close()
+            try:
+                pubsub.close()
+                pool.disconnect()
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
+
+    def _drain(self, pubsub: Any) -> None:
+        """Wake the waiters of every announcement already received (read or buffered)."""
+        while True:
+            message = pubsub.get_message(timeout=0.0)
+            if message is None:
+                if not (pubsub.subscribed and pubsub.connection.can_read(timeout=0)):
+                    return
+                continue  # a subscribe confirmation was read and skipped: more may wait
+            if message.get("type") == "message":
+                data = message.get("data")
+                if isinstance(data, bytes):
+                    self._wake(data)

@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ._wakeup import CHANNEL
+from ._wakeup import channel
 from .config import resolve_settings
 from .exceptions import RedlockError
 from .keys import task_id_of
@@ -108,7 +108,7 @@ def _delete(manager: Redlock, key: str) -> tuple[int, list[str]]:
         try:
             if client.delete(key):
                 count += 1
-                client.publish(CHANNEL, key)
+                client.publish(channel(key.encode()), key)
         except Exception:
             down.append(node.name)
         finally:

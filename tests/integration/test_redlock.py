@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+import celery_redlock._wakeup as wakeup_mod
 import celery_redlock.redlock as redlock_mod
 from celery_redlock import (
     LockNotAcquired,
@@ -206,6 +207,65 @@ def test_locked_waits_for_the_holder_and_is_woken_by_its_release(
     timer.join()
     assert 0.25 < waited < 1.5  # woken by the release, not by the 3 s poll
     assert waiter.holder("wake") is None
+
+
+def _release_channels(clients: list[redis.Redis]) -> list[list[bytes]]:
+    """The release channels someone listens to, per node."""
+    return [sorted(c.pubsub_channels("celery_redlock:released*")) for c in clients]
+
+
+def _until(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_waiting_process_listens_to_the_keys_it_waits_for_only(
+    managers: Callable[..., Redlock], clients: list[redis.Redis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release is announced on its key's own channel, and a process subscribes to the
+    channels of the keys it waits for, dropping each LINGER seconds after its last
+    waiter left: no process is told of every lock released anywhere."""
+    monkeypatch.setattr(wakeup_mod, "LINGER", 1.0)
+    holder, waiter = managers(), managers(retry_delay=3.0)
+    lock = holder.lock("heard", 10)
+    unheard = holder.lock("unheard", 10)
+    assert lock is not None
+    assert unheard is not None
+    timer = threading.Timer(0.3, lock.release)
+    timer.start()
+    started = time.monotonic()
+    with waiter.locked("heard", 10, wait=5.0):
+        assert time.monotonic() - started < 1.5  # woken by the release, not the 3 s poll
+        # Still subscribed (its waiter left less than LINGER ago), to this key alone.
+        assert _release_channels(clients) == [[b"celery_redlock:released:heard"]] * N
+    timer.join()
+    holder.release(unheard)  # nobody waits for it: announced to no one
+    numsub = [dict(c.pubsub_numsub("celery_redlock:released:unheard")) for c in clients]
+    assert numsub == [{b"celery_redlock:released:unheard": 0}] * N
+    assert _until(lambda: _release_channels(clients) == [[]] * N, 5.0)
+
+
+def test_a_wait_on_a_new_key_is_subscribed_at_once_by_running_listeners(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    """The listener threads already run (subscribed to another key, idle in their
+    wait): a waiter on a new key nudges them, so its release is heard, not polled."""
+    holder, waiter = managers(), managers(retry_delay=3.0)
+    first = holder.lock("first", 10)
+    assert first is not None
+    threading.Timer(0.2, first.release).start()
+    waiter.release(waiter.acquire("first", 10, wait=5.0))
+    assert _until(lambda: _release_channels(clients) == [[b"celery_redlock:released:first"]] * N, 2)
+    second = holder.lock("second", 10)
+    assert second is not None
+    threading.Timer(0.3, second.release).start()
+    started = time.monotonic()
+    waiter.release(waiter.acquire("second", 10, wait=5.0))
+    assert time.monotonic() - started < 1.0  # not after the listeners' 1 s idle wait
 
 
 # --------------------------------------------------------------------------

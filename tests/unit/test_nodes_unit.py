@@ -410,18 +410,23 @@ def test_fence_write_raises_never_lowers_and_needs_the_lock(r: fakeredis.FakeRed
     assert r.ttl("k:fence") == -1
 
 
-def test_release_deletes_only_the_owners_key_and_announces_it(r: fakeredis.FakeRedis) -> None:
+def test_release_deletes_only_the_owners_key_and_announces_it_on_the_key_s_channel(
+    r: fakeredis.FakeRedis,
+) -> None:
     pubsub = r.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-    pubsub.subscribe("celery_redlock:released")
+    pubsub.subscribe("celery_redlock:released:k")
     r.set("k", "me")
+    r.set("other", "me")
     assert run(r, _scripts.RELEASE, ["k"], "you") == 0
     assert r.get("k") == b"me"
     assert run(r, _scripts.RELEASE, ["k"], "me") == 1
     assert r.exists("k") == 0
     assert run(r, _scripts.RELEASE, ["k"], "me") == 0
-    got = [pubsub.get_message(timeout=0.05) for _ in range(4)]  # the first eats the subscribe
-    messages = [message["data"] for message in got if message is not None]
-    assert messages == [b"k"]  # one announcement: only the delete that happened
+    assert run(r, _scripts.RELEASE, ["other"], "me") == 1  # announced on its own channel
+    got = [pubsub.get_message(timeout=0.05) for _ in range(5)]  # the first eats the subscribe
+    messages = [(m["channel"], m["data"]) for m in got if m is not None]
+    # One announcement: only the delete that happened, and only on the key's channel.
+    assert messages == [(b"celery_redlock:released:k", b"k")]
 
 
 def test_extend_rearms_only_the_owners_key(r: fakeredis.FakeRedis) -> None:
