@@ -24,10 +24,13 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ._nodes import Node
 
@@ -51,6 +54,18 @@ POLL_WAIT = 0.02
 _log = logging.getLogger(__name__)
 
 
+_LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for listener in list(_LISTENERS):
+        listener._forget_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def channel(key: bytes) -> bytes:
     """The channel a release of ``key`` is announced on (the message is the key)."""
     return CHANNEL + b":" + key
@@ -66,7 +81,8 @@ class Listener:
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._pid = 0
-        self._nudges: list[int] = []  # write ends of the listener threads' pipes
+        self._pipes: list[tuple[int, int]] = []  # (read, write): each thread's nudge pipe
+        _LISTENERS.add(self)
 
     def register(self, key: bytes) -> threading.Event:
         """An event set whenever ``key`` is announced released; :meth:`unregister` it after."""
@@ -100,30 +116,39 @@ class Listener:
             return set(self._waiters) | set(self._left)
 
     def close(self) -> None:
-        """Stop the listener threads (at once; at the latest within :data:`IDLE_WAIT`)."""
+        """Stop the listener threads: at once when idle, else once their connection
+        attempt or command in progress ends (within :data:`LISTEN_TIMEOUT`)."""
         self._stop.set()
         with self._mutex:
             self._nudge()
 
     def _nudge(self) -> None:
         # Called with the mutex held (a thread closes its pipe only under it).
-        for fd in self._nudges:
+        for _, write in self._pipes:
             with contextlib.suppress(OSError):  # full: it has been nudged already
-                os.write(fd, b"!")
+                os.write(write, b"!")
+
+    def _forget_in_child(self) -> None:
+        """In a forked child: the parent's threads, waiters and pipes are not ours."""
+        self._mutex = threading.Lock()  # a parent thread may have held it at the fork
+        self._waiters = {}
+        self._left = {}
+        for pipe in self._pipes:
+            for fd in pipe:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._pipes = []
+        self._pid = 0
 
     def _start(self) -> None:
         # Called with the mutex held, once per process (threads do not survive fork).
-        for fd in self._nudges:  # a parent's pipes, inherited by this forked child
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._nudges = []
         self._pid = os.getpid()
         self._stop = threading.Event()
         for node in self.nodes:
             read, write = os.pipe()
             os.set_blocking(read, False)
             os.set_blocking(write, False)
-            self._nudges.append(write)
+            self._pipes.append((read, write))
             thread = threading.Thread(
                 target=self._listen,
                 args=(node, self._stop, read, write),
@@ -148,11 +173,11 @@ class Listener:
                     stop.wait(RECONNECT_DELAY)
         finally:
             with self._mutex:
-                if nudge in self._nudges:
-                    self._nudges.remove(nudge)
-                for fd in (nudge, nudged):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                if (nudged, nudge) in self._pipes:  # else a fork since: not ours to close
+                    self._pipes.remove((nudged, nudge))
+                    for fd in (nudge, nudged):
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
 
     def _listen_once(self, node: Node, stop: threading.Event, nudged: int) -> None:
         """One connection to ``node``: keep its subscriptions, wake waiters, until it fails."""
@@ -162,6 +187,11 @@ class Listener:
             socket_connect_timeout=LISTEN_TIMEOUT,
             socket_keepalive=True,
             decode_responses=False,
+            # No reconnect inside redis-py: it would subscribe again to channels just
+            # left, and drop a message half read; this thread reconnects itself.
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            retry_on_error=[],
         )
         pool = redis.ConnectionPool(connection_class=node.connection_class, **kwargs)
         client = redis.Redis(connection_pool=pool)
@@ -173,10 +203,15 @@ class Listener:
         try:
             while not stop.is_set():
                 wanted = self.subscribed_keys()
-                if wanted - subscribed:
-                    pubsub.subscribe(*(channel(k) for k in wanted - subscribed))
-                if subscribed - wanted:
-                    pubsub.unsubscribe(*(channel(k) for k in subscribed - wanted))
+                if not wanted and subscribed:
+                    # Nothing to hear: drop the connection, which an idle server could
+                    # close unseen (its timeout applies to a client with no channels).
+                    pubsub.reset()
+                else:
+                    if wanted - subscribed:
+                        pubsub.subscribe(*(channel(k) for k in wanted - subscribed))
+                    if subscribed - wanted:
+                        pubsub.unsubscribe(*(channel(k) for k in subscribed - wanted))
                 subscribed = wanted
                 # Watched only while subscribed: the replies to a last UNSUBSCRIBE are
                 # left in the socket until the next SUBSCRIBE reads past them.
@@ -207,12 +242,13 @@ class Listener:
 
     def _drain(self, pubsub: Any) -> None:
         """Wake the waiters of every announcement already received (read or buffered)."""
-        while True:
-            message = pubsub.get_message(timeout=0.0)
+        while pubsub.subscribed and pubsub.connection.can_read(timeout=0):
+            # Something came: the rest of a message split across packets may be on
+            # its way, so the read may wait for it (a read that cannot wait would
+            # fail half-way through the message).
+            message = pubsub.get_message(timeout=LISTEN_TIMEOUT)
             if message is None:
-                if not (pubsub.subscribed and pubsub.connection.can_read(timeout=0)):
-                    return
-                continue  # a subscribe confirmation was read and skipped: more may wait
+                continue  # a subscribe confirmation, read and skipped
             if message.get("type") == "message":
                 data = message.get("data")
                 if isinstance(data, bytes):

@@ -206,11 +206,12 @@ def _shutdown(fanout: Fanout, listener: Listener, held: set[tuple[str, str]], pi
     """Close a manager: release ``held`` (auto_release), stop the listener, close connections.
 
     Runs at ``close()``, when the manager is collected, or at interpreter exit;
-    in a forked child it does nothing: the parent's locks are the parent's.
+    in a forked child it only stops the child's own listener threads: the
+    parent's locks are the parent's.
     """
+    listener.close()
     if os.getpid() != pid:
         return
-    listener.close()
     for resource, value in list(held):
         with contextlib.suppress(Exception):  # best effort, also at interpreter exit
             fanout.script(_scripts.RELEASE, (resource.encode(),), (value,))

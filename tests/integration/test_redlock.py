@@ -268,6 +268,42 @@ def test_a_wait_on_a_new_key_is_subscribed_at_once_by_running_listeners(
     assert time.monotonic() - started < 1.0  # not after the listeners' 1 s idle wait
 
 
+def test_a_forked_child_listens_for_its_own_waits_with_nothing_of_the_parent_s(
+    managers: Callable[..., Redlock],
+) -> None:
+    """The parent's listener threads, waiters and pipes are not the child's: the child
+    starts its own on its first wait, and is woken by the release like the parent."""
+    import os
+
+    holder, waiter = managers(), managers(retry_delay=3.0)
+    lock = holder.lock("forked", 10)
+    assert lock is not None
+    threading.Timer(0.2, lock.release).start()
+    waiter.release(waiter.acquire("forked", 10, wait=5.0))
+    listener = waiter._listener
+    assert listener._pipes  # the parent's threads run
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            state = [not listener._pipes, not listener._waiters, not listener._left]
+            mine = holder.lock("forked-child", 10)
+            assert mine is not None
+            threading.Timer(0.3, mine.release).start()
+            started = time.monotonic()
+            waiter.release(waiter.acquire("forked-child", 10, wait=5.0))
+            state.append(time.monotonic() - started < 1.5)  # woken, not the 3 s poll
+            os.write(write, repr(state).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 200).decode()
+    os.waitpid(child, 0)
+    os.close(read)
+    assert said == repr([True, True, True, True])
+    assert listener._pipes  # the parent's are untouched
+
+
 # --------------------------------------------------------------------------
 # Fencing
 
