@@ -7,9 +7,10 @@ arguments, TTL 30 s, renewed while the body runs, released when it ends) and
 ``bench.locked_broker`` (the same, its locks on the broker's server, as with
 ``redlock_servers`` unset and a Redis broker). The broker and the result
 backend are a throwaway redis-server of their own; ``bench.locked``'s locks go
-to the suite's 3 nodes, and the target is checked on it. The worker is started once, warmed up
-(each pool child connects and checks the lock nodes), reused for every round,
-and stopped at the end, also when something fails.
+to the suite's 3 nodes, and the target is checked on it. The worker is
+started once, warmed up (each pool child connects and checks the lock
+nodes), reused for every round, and stopped at the end, also when something
+fails.
 
 - Throughput: each round publishes N tasks of one kind with ``.delay(i)``
   (distinct arguments, so no call is a duplicate), then waits for all their

@@ -494,55 +494,51 @@ class _Wire:
             return False
         if not self.raw:
             return bool(self.conn.can_read(timeout=0))
-        if self.buf or (hasattr(sock, "pending") and sock.pending()):
-            return True
-        if _DONTWAIT and type(sock) is socket.socket and sock.gettimeout() is None:
-            # One syscall instead of select + recv: what came is kept for read(). Only
-            # with kernel timeouts: under a Python timeout, recv() first waits for data.
-            try:
-                chunk = sock.recv(65536, _DONTWAIT)
-            except BlockingIOError:
-                return False
-            except OSError:
-                return True  # read() meets the error and reports it
-            self.buf = chunk
-            if not chunk:  # closed: let read() report it (its recv sees the EOF again)
-                return True
-            self.used = True
-            return True
-        return bool(select.select([sock], [], [], 0)[0])
+        return bool(self.buf) or self._pull() is not None
 
-    def owed_ready(self) -> bool:
-        """True when every reply owed by earlier calls can be read without waiting.
+    def owed_ready(self, also: int = 0) -> bool:
+        """True when every reply owed by earlier calls, and ``also`` more, can be
+        read without waiting.
 
         What has come is kept for :meth:`read`; a closed or failed connection
         counts as ready (``read()`` meets the error and reports it).
         """
         if not self.raw:
             return self.ready()
-        while not _holds(self.buf, len(self.owed)):
-            sock = self.sock
-            if sock is None:
+        while not _holds(self.buf, len(self.owed) + also):
+            if self.sock is None:
                 return True
-            try:
-                if _DONTWAIT and type(sock) is socket.socket and sock.gettimeout() is None:
-                    try:
-                        chunk = sock.recv(65536, _DONTWAIT)
-                    except BlockingIOError:
-                        return False
-                elif (hasattr(sock, "pending") and sock.pending()) or select.select(
-                    [sock], [], [], 0
-                )[0]:
-                    chunk = sock.recv(65536)
-                else:
-                    return False
-            except OSError:
+            came = self._pull()
+            if came is None:
+                return False
+            if not came:
                 return True
-            if not chunk:
-                return True
+        return True
+
+    def _pull(self) -> bytes | None:
+        """Read what has come, without waiting, into ``buf``: None when nothing has,
+        ``b""`` when the connection ended or failed (``read()`` meets it again)."""
+        sock = self.sock
+        try:
+            if _DONTWAIT and type(sock) is socket.socket and sock.gettimeout() is None:
+                # One syscall instead of select + recv. Only with kernel timeouts:
+                # under a Python timeout, recv() first waits for data.
+                try:
+                    chunk: bytes = sock.recv(65536, _DONTWAIT)
+                except BlockingIOError:
+                    return None
+            elif (hasattr(sock, "pending") and sock.pending()) or select.select([sock], [], [], 0)[
+                0
+            ]:
+                chunk = sock.recv(65536)
+            else:
+                return None
+        except OSError:
+            return b""
+        if chunk:
             self.buf += chunk
             self.used = True
-        return True
+        return chunk
 
     def settle(self) -> list[Callable[[], bytes]]:
         """Read the replies owed by earlier calls; the EVALs to re-send for NOSCRIPT ones."""
@@ -747,7 +743,7 @@ class Fanout:
                         continue
                     if not _send(wire, packed, replies, i):
                         continue
-                elif late and not wire.ready():  # it had the whole timeout to answer too
+                elif late and not wire.owed_ready(also=1):  # it had the whole timeout too
                     replies[i] = wire.fail(
                         redis.TimeoutError(f"no reply from {wire.node.name} within {self.timeout}s")
                     )
@@ -759,15 +755,7 @@ class Fanout:
                 try:
                     try:
                         if wire.owed:  # plain replies sent for before this command
-                            if not late or wire.owed_ready():  # once one is late: no wait
-                                wire.settle()
-                            if late and (wire.owed or not wire.ready()):
-                                replies[i] = wire.fail(
-                                    redis.TimeoutError(
-                                        f"no reply from {wire.node.name} within {self.timeout}s"
-                                    )
-                                )
-                                continue
+                            wire.settle()
                         reply = wire.read()
                     except _Stale:  # the server closed it while idle; our scripts are idempotent
                         wire.send(packed)
