@@ -304,6 +304,56 @@ def test_a_forked_child_listens_for_its_own_waits_with_nothing_of_the_parent_s(
     assert listener._pipes  # the parent's are untouched
 
 
+def _listening(client: redis.Redis) -> list[dict[str, Any]]:
+    """The connections on a node whose last command was a (un)subscribe: listeners."""
+    return [c for c in client.client_list() if c.get("cmd") in ("subscribe", "unsubscribe")]
+
+
+def test_a_listener_with_nothing_left_to_hear_drops_its_connection(
+    managers: Callable[..., Redlock], clients: list[redis.Redis], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once no key is waited for (nor lingering), each listener thread closes its
+    connection instead of keeping an idle one the server could drop unseen; the
+    threads stay, and connect again for the next wait."""
+    monkeypatch.setattr(wakeup_mod, "LINGER", 1.0)
+    holder, waiter = managers(), managers(retry_delay=5.0)
+    lock = holder.lock("idle", 10)
+    assert lock is not None
+    threading.Timer(0.2, lock.release).start()
+    waiter.release(waiter.acquire("idle", 10, wait=5.0))
+    assert all(_listening(c) for c in clients)  # subscribed while the key lingers
+    assert _until(lambda: not any(_listening(c) for c in clients), 5.0)
+    assert waiter._listener._pipes  # the threads still run
+    again = holder.lock("idle-again", 10)
+    assert again is not None
+    threading.Timer(0.3, again.release).start()
+    started = time.monotonic()
+    waiter.release(waiter.acquire("idle-again", 10, wait=8.0))
+    assert time.monotonic() - started < 2.0  # heard on a new connection, not the 5 s poll
+
+
+def test_a_listener_whose_connection_is_killed_connects_again_and_hears_the_release(
+    managers: Callable[..., Redlock], clients: list[redis.Redis]
+) -> None:
+    """The server closes the listeners' connections (CLIENT KILL TYPE pubsub): each
+    thread connects again after RECONNECT_DELAY, subscribes the keys waited for, and
+    the release after that wakes the waiter."""
+    holder, waiter = managers(), managers(retry_delay=5.0)
+    first = holder.lock("killed", 10)
+    assert first is not None
+    threading.Timer(0.2, first.release).start()
+    waiter.release(waiter.acquire("killed", 10, wait=5.0))
+    assert sum(c.client_kill_filter(_type="pubsub") for c in clients) >= N
+    second = holder.lock("killed-2", 10)
+    assert second is not None
+    threading.Timer(wakeup_mod.RECONNECT_DELAY + 1.0, second.release).start()
+    started = time.monotonic()
+    waiter.release(waiter.acquire("killed-2", 10, wait=8.0))
+    waited = time.monotonic() - started
+    assert waited < wakeup_mod.RECONNECT_DELAY + 2.0  # woken, not the 5 s poll
+    assert all(b"celery_redlock:released:killed-2" in c for c in _release_channels(clients))
+
+
 # --------------------------------------------------------------------------
 # Fencing
 
