@@ -38,7 +38,7 @@ from typing import Any, Union
 
 from redis.exceptions import ResponseError
 
-from . import _scripts
+from . import _process, _scripts
 from ._nodes import UNREAD, Fanout, Node, classify, pack, parse_servers
 from ._wakeup import Listener
 from .exceptions import (
@@ -202,20 +202,22 @@ class Lock:
         self.release()
 
 
-def _shutdown(fanout: Fanout, listener: Listener, held: set[tuple[str, str]], pid: int) -> None:
+def _shutdown(fanout: Fanout, listener: Listener, held: dict[tuple[str, str], int]) -> None:
     """Close a manager: release ``held`` (auto_release), stop the listener, close connections.
 
-    Runs at ``close()``, when the manager is collected, or at interpreter exit;
-    in a forked child it only stops the child's own listener threads: the
-    parent's locks are the parent's.
+    Runs at ``close()``, when the manager is collected, or at interpreter exit.
+    In a forked child it releases only the locks the child took and closes
+    only the child's connections: the parent's locks and sockets are the
+    parent's (``held`` maps each lock to the pid that took it).
     """
     listener.close()
-    if os.getpid() != pid:
-        return
-    for resource, value in list(held):
+    me = os.getpid()
+    for (resource, value), pid in list(held.items()):
+        if pid != me:
+            continue
         with contextlib.suppress(Exception):  # best effort, also at interpreter exit
             fanout.script(_scripts.RELEASE, (resource.encode(),), (value,))
-        held.discard((resource, value))
+        held.pop((resource, value), None)
     fanout.close()
 
 
@@ -274,7 +276,8 @@ class Redlock:
         # A call returns once a quorum said yes; the other replies are read later.
         self._enough_ok = (_is_ok, self.quorum)
         self._enough_one = (_is_one, self.quorum)
-        self._held: set[tuple[str, str]] = set()
+        #: (resource, token) -> pid of the process that took it (auto_release)
+        self._held: dict[tuple[str, str], int] = {}
         self._listener = Listener(self.nodes)
         #: the last resource this manager released, and when (for hand-off courtesy)
         self._just_released: tuple[bytes, float] = (b"", 0.0)
@@ -283,8 +286,7 @@ class Redlock:
             _shutdown,
             self._fanout,
             self._listener,
-            self._held if self.auto_release else set(),
-            os.getpid(),
+            self._held if self.auto_release else {},
         )
         if version_check:
             self.check_servers()
@@ -467,7 +469,7 @@ class Redlock:
         if len(granted) >= self.quorum and validity > 0:
             lock = Lock(resource, token, validity, start + ttl - drift, fence, self)
             if self.auto_release:
-                self._held.add((resource, token))
+                self._held[(resource, token)] = _process.pid()
             return lock, [], None
         votes = self._votes(replies, granted)
         # Undo on every node: a SET may have been applied where the reply was lost. Where
@@ -706,7 +708,7 @@ class Redlock:
             replies = self._fanout.script(
                 _scripts.RELEASE, (key,), (token,), enough=self._enough_one
             )
-        self._held.discard((resource, token))
+        self._held.pop((resource, token), None)
         self._just_released = (key, time.monotonic())
         deleted = sum(1 for r in replies if _is_one(r))
         errors = [
@@ -788,9 +790,9 @@ class Redlock:
         validity = ttl - (now - start) - (self.drift_factor * ttl + DRIFT_CONSTANT)
         if yes < self.quorum or validity <= 0 or (known is not None and now >= known):
             return False
-        if (lock.resource, lock.value) in self._held:
-            self._held.discard((lock.resource, lock.value))
-            self._held.add((lock.resource, new_value))
+        taker = self._held.pop((lock.resource, lock.value), None)
+        if taker is not None:
+            self._held[(lock.resource, new_value)] = taker
         lock.value = new_value
         lock.validity = validity
         lock.expires_at = start + ttl - (self.drift_factor * ttl + DRIFT_CONSTANT)

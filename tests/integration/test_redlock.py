@@ -725,6 +725,41 @@ def test_a_forked_child_exiting_does_not_release_the_parents_locks(
     assert result.stdout.strip() == "held"
 
 
+CHILD_CLOSE_PROGRAM = """
+import os, sys
+from celery_redlock import Redlock
+rl = Redlock(sys.argv[1].split(","), auto_release=True)
+parents = rl.lock("parent-held", 30)
+pid = os.fork()
+if pid == 0:
+    mine = rl.lock("child-held", 30)
+    rl.close()  # the child's own lock and connections, not the parent's
+    os._exit(0 if mine is not None and not rl._fanout._idle else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status), rl.holder("parent-held") == parents.value,
+      rl.holder("child-held"), flush=True)
+rl.close()
+print(rl.holder("parent-held"), flush=True)
+"""
+
+
+def test_a_forked_child_closing_releases_its_own_locks_and_not_the_parents(
+    redis_urls: list[str],
+) -> None:
+    """auto_release in a forked child: its close() releases the locks the child
+    took and closes the child's connections; the parent's lock stays the parent's
+    until the parent closes."""
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD_CLOSE_PROGRAM, ",".join(redis_urls)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert result.stdout.split("\n")[:2] == ["0 True None", "None"], result.stderr
+
+
 def test_resp3_clients_work_as_nodes(
     redis_nodes: list[RedisServer], redis_urls: list[str], clients: list[redis.Redis]
 ) -> None:
