@@ -289,6 +289,12 @@ class _Stale(Exception):
     """An idle connection turned out closed by the server (it restarted): reconnect, resend."""
 
 
+#: What a node's failure raises, kept as that node's reply. Anything else raised
+#: mid-call (a signal handler's exception, such as Celery's soft time limit) may
+#: leave a reply in flight: every connection of the call is closed and it propagates.
+_IO_ERRORS = (redis.RedisError, OSError)
+
+
 def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
     """Parse one RESP2/RESP3 reply from ``buf`` at ``pos``; (value, position after it)."""
     end = buf.find(b"\r\n", pos)
@@ -414,10 +420,15 @@ class _Wire:
             # (an error reply, e.g. from an ACL without SCRIPT, is let be).
             try:
                 self.sock.sendall(_PRELOAD)
+                for _ in _PRELOADED:
+                    self.read()
             except OSError as exc:
                 raise self._send_error(exc) from None
-            for _ in _PRELOADED:
-                self.read()
+            except BaseException:
+                # Interrupted (a signal handler raising, such as a soft time limit):
+                # replies may be left unread, which a later read would take for its own.
+                self.close()
+                raise
             self.used = False
         if self.raw and _KERNEL_TIMEOUTS and type(self.sock) is socket.socket:
             # The kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
@@ -463,7 +474,14 @@ class _Wire:
                     value, pos = _parse(buf, 0)
                 except _Incomplete:
                     pass
+                except (ValueError, IndexError, redis.ConnectionError) as exc:
+                    raise self.fail(
+                        redis.ConnectionError(f"unreadable reply from {self.node.name}: {exc}")
+                    ) from None
                 else:
+                    if buf[:1] == b">":  # a RESP3 push (no reply to a command): skipped
+                        buf = self.buf = buf[pos:]
+                        continue
                     self.buf = buf[pos:]
                     return value
             try:
@@ -595,7 +613,7 @@ def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int, settle: bool
         except _Stale:  # closed while idle: the owed replies are gone with the server
             wire.send(packed)
         return True
-    except Exception as exc:  # refused, reset, TLS or auth failure, timeout
+    except _IO_ERRORS as exc:  # refused, reset, TLS or auth failure, timeout
         replies[i] = exc
         return False
 
@@ -610,15 +628,17 @@ def _connect_together(wires: Sequence[_Wire]) -> None:
         return
 
     def open_one(wire: _Wire) -> None:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(*_IO_ERRORS):
             wire.connect()
 
     threads = [threading.Thread(target=open_one, args=(w,), daemon=True) for w in wires[1:]]
     for thread in threads:
         thread.start()
-    open_one(wires[0])
-    for thread in threads:
-        thread.join()
+    try:
+        open_one(wires[0])
+    finally:
+        for thread in threads:
+            thread.join()
 
 
 _FANOUTS: weakref.WeakSet[Fanout] = weakref.WeakSet()
@@ -768,7 +788,7 @@ class Fanout:
                 except redis.TimeoutError as exc:
                     late = True
                     replies[i] = exc
-                except Exception as exc:
+                except _IO_ERRORS as exc:
                     replies[i] = exc
         except BaseException:
             # Interrupted half-way (KeyboardInterrupt): replies may be left unread.
@@ -792,7 +812,7 @@ class Fanout:
             for i, wire in enumerate(wires):
                 try:
                     wire.send(b"".join(commands))
-                except Exception as exc:
+                except _IO_ERRORS as exc:
                     replies[i] = [exc] * len(commands)
             for i, wire in enumerate(wires):
                 while len(replies[i]) < len(commands):
@@ -803,7 +823,7 @@ class Fanout:
                             [redis.ConnectionError(f"{wire.node.name} closed the connection")]
                             * (len(commands) - len(replies[i]))
                         )
-                    except Exception as exc:
+                    except _IO_ERRORS as exc:
                         replies[i].extend([exc] * (len(commands) - len(replies[i])))
         finally:
             for wire in wires:
@@ -817,7 +837,9 @@ def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply) -> Re
     try:
         wire.send(fallback())
         return wire.read()
-    except Exception as exc2:
+    except _Stale:
+        return redis.ConnectionError(f"{wire.node.name} closed the connection")
+    except _IO_ERRORS as exc2:
         return exc2
 
 

@@ -104,11 +104,12 @@ FENCE_WRITE = Script(
 # KEYS[1] the lock key; ARGV[1] the owner's token.
 # Deletes the key only if it holds the caller's token, and then publishes the
 # key on the channel "celery_redlock:released:<key>" to wake its waiters (see
-# _wakeup.py).
+# _wakeup.py). The publish is a pcall: a user the ACL denies the channel to
+# (Redis 7's default for new users) still releases; its waiters poll.
 # Returns 1 when deleted, 0 when the key was absent or held by another token.
 RELEASE = Script(
     b"if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) "
-    b"redis.call('publish', 'celery_redlock:released:' .. KEYS[1], KEYS[1]) return 1 end "
+    b"redis.pcall('publish', 'celery_redlock:released:' .. KEYS[1], KEYS[1]) return 1 end "
     b"return 0"
 )
 
@@ -122,7 +123,7 @@ RELEASE_OWNED = Script(
     b"if v and (v == ARGV[1] or string.sub(v, 1, #ARGV[1] + #ARGV[2]) == ARGV[1] .. ARGV[2]) "
     b"then "
     b"redis.call('del', KEYS[1]) "
-    b"redis.call('publish', 'celery_redlock:released:' .. KEYS[1], KEYS[1]) return 1 end "
+    b"redis.pcall('publish', 'celery_redlock:released:' .. KEYS[1], KEYS[1]) return 1 end "
     b"return 0"
 )
 

@@ -43,6 +43,11 @@ CHANNEL = b"celery_redlock:released"
 LINGER = 2.0
 #: Seconds a listener waits before reconnecting to a node that failed.
 RECONNECT_DELAY = 1.0
+#: Seconds a listener waits before trying again on a node whose ACL denies it the
+#: release channels (told once per node, at WARNING).
+DENIED_DELAY = 30.0
+#: Nodes whose ACL denied a listener the release channels (warned about once).
+_DENIED: set[str] = set()
 #: Socket timeout of a listener's connection (a stopped node cannot hold it forever).
 LISTEN_TIMEOUT = 10.0
 #: Most seconds a listener thread sleeps before it looks at its stop flag and its keys.
@@ -168,6 +173,17 @@ class Listener:
             while not stop.is_set():
                 try:
                     self._listen_once(node, stop, nudged)
+                except redis.exceptions.NoPermissionError as exc:
+                    if node.name not in _DENIED:
+                        _DENIED.add(node.name)
+                        _log.warning(
+                            "waiters are not woken by releases on %s: its ACL user may not "
+                            "subscribe to the release channels (%s); grant them with "
+                            "'&celery_redlock:released:*'. Waiters poll at retry_delay.",
+                            node.name,
+                            exc,
+                        )
+                    stop.wait(DENIED_DELAY)
                 except Exception as exc:
                     _log.debug("release listener on %s failed: %s; reconnecting", node.name, exc)
                     stop.wait(RECONNECT_DELAY)

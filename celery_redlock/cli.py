@@ -14,6 +14,7 @@ matched, 2 bad usage or too few nodes reachable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import click
+import redis
 
 from ._wakeup import channel
 from .config import resolve_settings
@@ -108,7 +110,8 @@ def _delete(manager: Redlock, key: str) -> tuple[int, list[str]]:
         try:
             if client.delete(key):
                 count += 1
-                client.publish(channel(key.encode()), key)
+                with contextlib.suppress(redis.ResponseError):  # an ACL denying the channel
+                    client.publish(channel(key.encode()), key)
         except Exception:
             down.append(node.name)
         finally:

@@ -584,9 +584,16 @@ class Redlock:
                 tried += 1
                 if wakeup is not None:
                     wakeup.clear()
-                lock, votes, too_slow = self._attempt(
-                    resource, key, token, ttl, ttl_ms, fencing, value is None, takeover
-                )
+                try:
+                    lock, votes, too_slow = self._attempt(
+                        resource, key, token, ttl, ttl_ms, fencing, value is None, takeover
+                    )
+                except BaseException:
+                    # Interrupted (a signal handler's exception, such as a soft time
+                    # limit): nodes may have been set; undo, then let it propagate.
+                    with contextlib.suppress(Exception):
+                        self._fanout.script(_scripts.RELEASE, (key,), (token,))
+                    raise
                 if lock is not None:
                     return lock
                 self._log_attempt(resource, tried, votes)

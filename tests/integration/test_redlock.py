@@ -639,6 +639,36 @@ def test_the_right_password_works_and_never_shows(fresh_nodes: FreshNodes) -> No
         assert rl.release(lock) is True
 
 
+def test_a_user_the_acl_denies_the_release_channels_still_releases_and_waits(
+    fresh_nodes: FreshNodes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis 7 gives a new ACL user no pub/sub channels: the release still deletes
+    the key and says so (its announcement is skipped), a waiter is told once that
+    it polls, and gets the lock by polling."""
+    nodes = fresh_nodes(3)
+    for node in nodes:
+        try:
+            node.client().acl_setuser(
+                "locker", enabled=True, passwords=["+locker-pw"], keys=["*"],
+                commands=["+@all"], reset_channels=True,
+            )  # fmt: skip
+        except redis.ResponseError as exc:  # pragma: no cover - before Redis 6.2
+            pytest.skip(f"this redis-server has no channel ACLs: {exc}")
+    urls = [f"redis://locker:locker-pw@127.0.0.1:{node.port}/0" for node in nodes]
+    caplog.set_level(logging.WARNING, logger="celery_redlock._wakeup")
+    with Redlock(urls, retry_delay=0.2) as holder, Redlock(urls, retry_delay=0.2) as waiter:
+        lock = holder.lock("acl", 10)
+        assert lock is not None
+        assert holder.release(lock) is True
+        assert [node.client().get("acl") for node in nodes] == [None] * 3
+        again = holder.lock("acl", 10)
+        assert again is not None
+        threading.Timer(0.3, again.release).start()
+        taken = waiter.acquire("acl", 10, wait=5.0)
+        assert taken.release() is True
+        assert _until(lambda: "grant them with '&celery_redlock:released:*'" in caplog.text, 5)
+
+
 def test_unix_socket_and_tcp_nodes_mix(
     redis_urls: list[str], fresh_nodes: FreshNodes, clients: list[redis.Redis]
 ) -> None:

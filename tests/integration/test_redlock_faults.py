@@ -4,7 +4,9 @@ locking resumes when they come back."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -190,3 +192,63 @@ def test_a_majority_paused_fails_fast_then_recovers_on_resume(
     assert rl.release(lock) is True
     fresh = rl.acquire("untouched", 10)
     assert [node.client().get("untouched") for node in nodes] == [fresh.value.encode()] * N
+
+
+# --------------------------------------------------------------------------
+# An exception raised by a signal handler in the middle of a call
+
+
+class Interrupted(Exception):
+    """What a signal handler raises (Celery's SoftTimeLimitExceeded is an Exception)."""
+
+
+@contextlib.contextmanager
+def interrupted_after(seconds: float) -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_an_exception_from_a_signal_handler_mid_call_leaves_no_reply_to_misread(
+    fresh_nodes: FreshNodes,
+) -> None:
+    """A signal handler raises while a call waits for a node's reply: the exception
+    propagates (it is no node's reply), and the next call on the connection reads
+    its own reply, not the one that was in flight."""
+    (node,) = fresh_nodes(1)
+    fanout = _nodes.Fanout(_nodes.parse_servers([node.url]), timeout=5.0)
+    assert fanout.call(_nodes.pack(b"PING")) == [b"PONG"]  # connected
+    node.pause()
+    try:
+        with pytest.raises(Interrupted), interrupted_after(0.2):
+            fanout.call(_nodes.pack(b"SET", b"k", b"v1"))
+    finally:
+        node.resume()
+    time.sleep(0.2)  # the SET's reply, had the connection been kept, is there now
+    assert fanout.call(_nodes.pack(b"GET", b"k")) in ([b"v1"], [None])
+    fanout.close()
+
+
+def test_an_acquire_interrupted_mid_call_leaves_no_key_behind(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """Interrupted after the SET reached the nodes that answer, the acquire undoes it
+    before the exception propagates: the key is not held for its TTL by no one."""
+    rl = manager(node_timeout=1.0)
+    nodes[0].pause()  # its reply is awaited first: the SET reaches the others meanwhile
+    try:
+        with pytest.raises(Interrupted), interrupted_after(0.3):
+            rl.acquire("interrupted", 30, retry_count=0)
+    finally:
+        nodes[0].resume()
+    # The paused node may still apply the SET it had not read (a minority).
+    values = [node.client().get("interrupted") for node in nodes[1:]]
+    assert values == [None] * (N - 1)
+    assert rl.holder("interrupted") is None
