@@ -102,6 +102,7 @@ through this class, so it takes no publish-time lock (the run still locks).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -327,17 +328,19 @@ class RedlockTask(Task):  # type: ignore[misc]
         ttl: float,
         settings: RedlockSettings,
         takeover: str | None = None,
+        wait: bool = True,
     ) -> tuple[Redlock | None, Lock | LockInfo | LockNotAcquired]:
         """Try to take ``key``: the lock, the holder's info (a duplicate), or the failure.
 
         ``takeover``: the task id, whose reservation a run's token takes over.
+        ``wait=False``: no waiting, whatever ``redlock_on_duplicate`` says.
         The info's holder is a task id.
         """
         try:
             manager = get_redlock(settings)
         except QuorumUnavailable as exc:
             return None, LockNotAcquired(key, exc.votes, 0, message=f"lock {key!r}: {exc}")
-        if settings.on_duplicate == "wait":
+        if wait and settings.on_duplicate == "wait":
             try:
                 return manager, manager.acquire(
                     key, ttl, token, wait=settings.wait_for, takeover=takeover
@@ -433,7 +436,8 @@ class RedlockTask(Task):  # type: ignore[misc]
         """
         if self.request.is_eager:
             raise DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
-        delay = _jitter(info.ttl_left or run.settings.ttl)
+        # After the lock's time left, not before: a dead delivery's lock must be gone.
+        delay = (info.ttl_left or run.settings.ttl) * random.uniform(1.0, 1.25)
         _log.info(
             "task %s[%s] delivered again while another delivery of it holds its lock %s "
             "(%s s left): sent again to run in %.1f s",
@@ -535,11 +539,29 @@ class RedlockTask(Task):  # type: ignore[misc]
         return result
 
     def on_replace(self, sig: Any) -> Any:
-        """Note the replacement, so the lock is handed over or released when the body ends."""
+        """End the run's hold before the replacement is sent (or, eager, run).
+
+        A replacement with this task id and key takes the lock over from the
+        task id; anything else finds the key free, so a replacement (or the
+        first step of a replacing chain) with the same key is never taken for
+        a duplicate of the run it replaces.
+        """
         run = getattr(self.request, _RUN_ATTR, None)
-        if isinstance(run, _Run):
+        handed = False
+        if isinstance(run, _Run) and not run.done:
             run.replaced_by = sig
-        return super().on_replace(sig)
+            handed = run.lock is not None and self._redlock_same_work(run, sig)
+            self._redlock_end(run, "replaced")
+        try:
+            return super().on_replace(sig)
+        except Ignore:
+            raise
+        except BaseException:
+            if handed and isinstance(run, _Run) and run.manager is not None:
+                # Not sent: nothing will take the task id's hold over.
+                with contextlib.suppress(Exception):
+                    run.manager.release(run.key, run.task_id)
+            raise
 
     def _redlock_end(self, run: _Run, reason: str) -> None:
         """Release the run's lock (or leave it to expire at the end of ``redlock_hold``)."""
@@ -588,6 +610,11 @@ class RedlockTask(Task):  # type: ignore[misc]
         """
         if run.done:
             return
+        if self.request.is_eager:
+            # apply() runs the retry at once, or not at all (task_eager_propagates
+            # raises the Retry to the caller): nothing to keep it for.
+            self._redlock_end(run, "retry")
+            return
         sig = getattr(retry, "sig", None)
         if sig is not None and not self._redlock_same_work(run, sig):
             self._redlock_end(run, "retry-new-arguments")
@@ -601,10 +628,13 @@ class RedlockTask(Task):  # type: ignore[misc]
             run.watch.cancel()
         if run.lock is None or run.manager is None:
             return
+        token = run.lock.value
         if not run.manager.reassign(run.lock, run.task_id, run.settings.ttl + delay):
             # Free what is left of it (this run's token, or the task id where the swap
-            # went through), so the retried run takes the key like any other.
-            run.manager.release(run.key, run.task_id, owner=True)
+            # went through), so the retried run takes the key like any other; not a
+            # token of another delivery of this task id that took the key meanwhile.
+            run.manager.release(run.key, token)
+            run.manager.release(run.key, run.task_id)
             _log.warning(
                 "task %s[%s]: its lock %s could not be kept for the retry (lost or nodes "
                 "down): released; the retried run takes it like any other",
@@ -627,7 +657,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         """``task_postrun``: release a lock the run did not (a safety net)."""
         run = getattr(self.request, _RUN_ATTR, None)
         if isinstance(run, _Run) and not run.done:
-            if state == "RETRY":
+            if state == "RETRY" and not self.request.is_eager:
                 self._redlock_hand_over(run, 0.0)
                 return
             self._redlock_end(run, f"postrun:{(state or 'failure').lower()}")
@@ -703,7 +733,11 @@ class RedlockTask(Task):  # type: ignore[misc]
         id first, so the new message finds it reserved wherever it lands.
         """
         settings = self.redlock_settings
-        key = self.redlock_key_for(args, kwargs)
+        key_args, key_kwargs = args, kwargs
+        dump = getattr(self, "_dump_pydantic_arguments", None)  # pydantic=True (Celery 5.5+)
+        if dump is not None and options.get("serializer") != "pickle":
+            key_args, key_kwargs = dump(args, kwargs)  # as the worker will receive them
+        key = self.redlock_key_for(key_args, key_kwargs)
         send = functools.partial(
             super().apply_async,
             args=args,
@@ -723,14 +757,18 @@ class RedlockTask(Task):  # type: ignore[misc]
             try:
                 return send(task_id=task_id, **options)
             except BaseException:
-                own.manager.release(key, task_id, owner=True)
+                own.manager.release(key, task_id)  # the hold nothing will take over
                 raise
-        if settings.lock_on != "publish":
+        if settings.lock_on != "publish" or self.app.conf.task_always_eager:
+            # Eager: apply() runs it at once, and the run locks.
             return send(task_id=task_id, **options)
+        given = task_id is not None
         task_id = task_id or uuid()
         delay = _seconds_until(options.get("countdown") or options.get("eta"))
         started = time.monotonic()
-        manager, outcome = self._redlock_take(key, task_id, settings.ttl + delay, settings)
+        manager, outcome = self._redlock_take(
+            key, task_id, settings.ttl + delay, settings, wait=not given
+        )
         if isinstance(outcome, Lock):
             assert manager is not None
             lock_acquired.send(
@@ -758,7 +796,9 @@ class RedlockTask(Task):  # type: ignore[misc]
                 )
                 return send(task_id=task_id, **options)
             raise outcome
-        return self._redlock_publish_duplicate(key, task_id, outcome, settings, send, options)
+        return self._redlock_publish_duplicate(
+            key, task_id, outcome, settings, send, options, given
+        )
 
     def _redlock_publish_duplicate(
         self,
@@ -768,9 +808,24 @@ class RedlockTask(Task):  # type: ignore[misc]
         settings: RedlockSettings,
         send: functools.partial[Any],
         options: dict[str, Any],
+        given: bool,
     ) -> Any:
+        if given or info.holder is None:
+            # A task id chosen before the call (a group, chord or chain member, a retry,
+            # a caller that waits on it) is waited on: never dropped here. Nor is a
+            # call whose key no one holds on a quorum. Its run meets the lock.
+            _log.info(
+                "task %s[%s] sent without its publish lock %s (%s): its run meets the lock",
+                self.name,
+                task_id,
+                key,
+                "its task id was given"
+                if given
+                else "held by no one on a quorum; it may be changing hands",
+            )
+            return send(task_id=task_id, **options)
         policy = settings.on_duplicate
-        if policy == "skip" and info.holder is not None:
+        if policy == "skip":
             _log.info(
                 "task %s not sent: lock %s is held by task %s (%s s left)",
                 self.name,

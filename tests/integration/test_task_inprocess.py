@@ -22,10 +22,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import Celery, chain
+from celery import Celery, chain, group
 from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject
-from celery.signals import task_retry
+from celery.signals import before_task_publish, task_retry
 
 from celery_redlock import Redlock, signals
 from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
@@ -178,6 +178,13 @@ def define_tasks(app: Celery, dead: str) -> SimpleNamespace:
     @app.task(base=RedlockTask, bind=True, name="ip.published", redlock_lock_on="publish")
     def published(self: Any, tag: str) -> str:
         return body(self, tag)
+
+    @app.task(base=RedlockTask, bind=True, name="ip.chain_replace", redlock_key=("tag",))
+    def chain_replace(self: Any, tag: str, step: int = 0) -> Any:
+        body(self, tag, wait=False)
+        if step == 0:  # the chain's first step: a new task id, the same key
+            return self.replace(chain(self.si(tag, 1), self.si(tag, 2)))
+        return step
 
     @app.task(
         base=RedlockTask,
@@ -665,6 +672,46 @@ def test_a_replacement_with_the_same_key_takes_the_lock_over_without_a_release(
     assert result.get(timeout=RESULT_TIMEOUT) == 1
     assert released(events, result.id) == ["success"]
     assert holder(rl, t.hand_over, tag) is None
+
+
+def test_a_replacing_chain_whose_first_step_has_the_same_key_finds_it_free(
+    t: SimpleNamespace, rl: Redlock, tag: str, events: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """The run ends its hold before the replacement is sent: the chain's first step
+    (a new task id, the same key) is not taken for a duplicate of the run it
+    replaces, however fast a worker picks it up."""
+    at_send: list[str | None] = []
+
+    def look(sender: Any = None, headers: Any = None, **_: Any) -> None:
+        if sender == "ip.chain_replace" and (headers or {}).get("argsrepr", "").endswith("1)"):
+            at_send.append(holder(rl, t.chain_replace, tag))
+
+    before_task_publish.connect(look, weak=False, dispatch_uid="chain-replace")
+    try:
+        result = t.chain_replace.delay(tag)
+        assert result.get(timeout=RESULT_TIMEOUT) == 2
+    finally:
+        before_task_publish.disconnect(look, dispatch_uid="chain-replace")
+    assert at_send == [None]
+    assert len(STARTED[tag]) == 3  # the run and both steps ran their bodies
+    assert holder(rl, t.chain_replace, tag) is None
+
+
+def test_publish_lock_sends_group_members_whose_key_is_held_and_the_group_ends(
+    t: SimpleNamespace, rl: Redlock, tag: str
+) -> None:
+    """Group members' ids are frozen before they are sent: a member whose key is
+    held is sent anyway (its run meets the lock), so the group's get() returns."""
+    first = t.published.delay(tag)
+    started(tag)  # holds the key, its body waiting on the gate
+    members = group(t.published.s(tag), t.published.s(tag)).apply_async()
+    GATES[tag].set()
+    assert first.get(timeout=RESULT_TIMEOUT) == first.id
+    values = members.get(timeout=RESULT_TIMEOUT)
+    assert len(values) == 2
+    assert all(v is None or v == r.id for v, r in zip(values, members.results))
+    assert overlaps(INTERVALS[tag]) == []
+    assert holder(rl, t.published, tag) is None
 
 
 # ---------------------------------------------------------------------------

@@ -243,6 +243,36 @@ def test_after_the_whole_worker_is_sigkilled_the_lock_is_gone_within_its_ttl(
         worker.kill()
 
 
+def test_a_cold_shutdown_cancelling_the_running_task_releases_its_lock(
+    redis_setup: Setup, rl: Redlock, redis_urls: list[str]
+) -> None:
+    """SIGQUIT: Celery cancels the running task (no task_revoked is sent; its child
+    is sent SIGTERM): the run's lock is freed as the run ends, not by the 30 s TTL,
+    and the worker exits."""
+    queue = f"redlock-test-{uuid.uuid4().hex[:8]}"
+    setup = make_setup(
+        redis_setup.dir,
+        redis_setup.env["REDLOCK_TEST_BROKER"],
+        redis_setup.env["REDLOCK_TEST_BACKEND"],
+        redis_setup.env["REDLOCK_TEST_SERVERS"].split(","),
+        queue,
+    )
+    worker = Worker("cold", setup.env, 2, setup.dir).start()
+    try:
+        sleeper = setup.task("sleeper")
+        result = sleeper.delay("cold-shutdown", 60)
+        setup.worker_pid_of(result.id)
+        assert holder(rl, sleeper, "cold-shutdown", 60) == result.id
+        assert worker.proc is not None
+        worker.proc.send_signal(signal.SIGQUIT)
+        began = time.monotonic()
+        assert wait_for(lambda: holder(rl, sleeper, "cold-shutdown", 60) is None, RELEASED_WITHIN)
+        assert time.monotonic() - began < RELEASED_WITHIN  # not the 30 s TTL
+        assert wait_for(lambda: not worker.alive(), 20), worker.tail()
+    finally:
+        worker.kill()
+
+
 # ---------------------------------------------------------------------------
 # RabbitMQ as the broker
 

@@ -4,10 +4,12 @@ registration checks, publish-time behaviour, over fakeredis nodes."""
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import celery.app.task
+import celery.exceptions
 import fakeredis
 import pytest
 from celery import Celery
@@ -20,6 +22,19 @@ from celery_redlock.signals import lock_acquired, lock_released, lock_skipped
 from celery_redlock.task import RedlockTask
 
 OTHER = "another-task-id"
+
+try:
+    import pydantic
+except ImportError:  # pragma: no cover - a test extra
+    Account: Any = None
+else:
+
+    class Account(pydantic.BaseModel):  # type: ignore[no-redef]
+        """A model argument of a ``pydantic=True`` task (module level: its annotation
+        must resolve)."""
+
+        id: int
+        name: str
 
 
 @pytest.fixture
@@ -155,11 +170,11 @@ def test_an_eager_retry_takes_its_own_lock_over(app: Celery) -> None:
     assert manager(work).holder(work.redlock_key_for((1,), {})) is None
 
 
-def test_an_eager_retry_of_a_task_whose_call_skips_super_is_handed_the_lock(
+def test_an_eager_retry_of_a_task_whose_call_skips_super_runs_under_its_own_lock(
     app: Celery,
 ) -> None:
-    """Only the task_postrun net sees such a run end: on RETRY it hands the lock to
-    the task id, so the retried run takes it over instead of being dropped."""
+    """Only the task_postrun net sees such a run end: on an eager RETRY it releases
+    the lock (apply() runs the retry at once), and the retried run takes the key."""
 
     class NoSuperCall(RedlockTask):  # type: ignore[misc]
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -444,3 +459,148 @@ def test_a_retry_whose_hand_over_fails_frees_the_lock_so_the_retried_run_runs(
     assert runs == [0, 1]
     key = work.redlock_key_for((1,), {})
     assert [s.get(key) for s in servers] == [None, None, None]
+
+
+# ---------------------------------------------------------------------------
+# Eager retries and replacements, publish-time duplicates that must be sent
+
+
+def test_an_eager_retry_raised_to_the_caller_leaves_the_key_free(app: Celery) -> None:
+    """task_eager_propagates: apply() raises the Retry and no retried run follows,
+    so the lock is not kept for one (it would block the key for TTL + countdown)."""
+    app.conf.task_eager_propagates = True
+
+    @app.task(base=RedlockTask, bind=True, shared=False)
+    def work(self: Any, n: int) -> int:
+        raise self.retry(countdown=180)
+
+    with pytest.raises(celery.exceptions.Retry):
+        work.apply((1,))
+    assert manager(work).holder(work.redlock_key_for((1,), {})) is None
+
+
+def test_an_eager_replacement_with_the_same_key_takes_the_lock_over(app: Celery) -> None:
+    """Paging through an account: each page replaces itself with the next, same key."""
+    holders: list[str | None] = []
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_key=("account",))
+    def page(self: Any, account: int, number: int) -> int:
+        holders.append(task_id_of(manager(self).holder(self.redlock_key_for((account, 0), {}))))
+        if number < 3:
+            return int(self.replace(page.si(account, number + 1)))
+        return number
+
+    result = page.apply((7, 1))
+    assert result.get() == 3
+    assert holders == [result.id] * 3
+    assert manager(page).holder(page.redlock_key_for((7, 0), {})) is None
+
+
+@pytest.fixture
+def sent(app: Celery) -> Iterator[list[str]]:
+    """Publishing without a worker: Celery's apply_async, below ours, records the ids."""
+    app.conf.task_always_eager = False
+    ids: list[str] = []
+
+    def fake_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        ids.append(kwargs["task_id"])
+        return self.AsyncResult(kwargs["task_id"])
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(celery.app.task.Task, "apply_async", fake_send)
+    yield ids
+    mp.undo()
+
+
+def test_a_publish_duplicate_whose_task_id_was_given_is_sent_not_dropped(
+    app: Celery, sent: list[str]
+) -> None:
+    """A group, chord or chain member (its id frozen before the call), a retry sent
+    by the main worker process, a caller waiting on an id it chose: the message is
+    sent though its key is held, and its run meets the lock."""
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    take(work, 1)
+    result = work.apply_async((1,), task_id="frozen-member")
+    assert result.id == "frozen-member"
+    assert sent == ["frozen-member"]
+    assert work.delay(1).id == OTHER  # not given: the holder's result, nothing sent
+    assert sent == ["frozen-member"]
+
+
+def test_a_publish_duplicate_with_raise_or_wait_and_a_given_id_is_sent_at_once(
+    app: Celery, sent: list[str]
+) -> None:
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+              redlock_on_duplicate="wait", redlock_wait=30)  # fmt: skip
+    def waits(n: int) -> None: ...
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+              redlock_on_duplicate="raise")  # fmt: skip
+    def raises(n: int) -> None: ...
+
+    take(waits, 1)
+    take(raises, 1)
+    started = time.monotonic()
+    waits.apply_async((1,), task_id="w-given")
+    assert time.monotonic() - started < 5  # not redlock_wait
+    raises.apply_async((1,), task_id="r-given")
+    assert sent == ["w-given", "r-given"]
+    with pytest.raises(DuplicateTask):
+        raises.delay(1)
+
+
+def test_publish_lock_under_task_always_eager_runs_the_call_and_locks_the_run(
+    app: Celery,
+) -> None:
+    """Eager: apply_async runs the task at once; the run locks (a duplicate is
+    skipped with an EagerResult whose get() answers), no publish lock is taken."""
+    ran: list[int] = []
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    assert work.delay(2).get() == 2
+    take(work, 1)
+    assert work.delay(1).get() is None
+    assert ran == [2]
+
+
+def test_a_failed_hand_over_frees_only_this_run_s_token_and_the_task_id(app: Celery) -> None:
+    """The run's lock was lost and another delivery of the same task id took the key
+    under its own token: the failed hand-over to the task id leaves that run's lock."""
+    from celery_redlock.task import _Run
+
+    @app.task(base=RedlockTask, shared=False)
+    def work(n: int) -> None: ...
+
+    settings = work.redlock_settings
+    rl = manager(work)
+    key = work.redlock_key_for((1,), {})
+    mine = rl.acquire(key, 30, "tid-1|aaaaaa000001")
+    rl.force_release(key)  # lost (Redis restarted empty, a long pause)
+    rl.acquire(key, 30, "tid-1|bbbbbb000001")  # another delivery's run
+    run = _Run(key, "tid-1", mine.value, settings, manager=rl, lock=mine)
+    work._redlock_hand_over(run, 0.0)
+    assert rl.holder(key) == "tid-1|bbbbbb000001"
+
+
+def test_a_pydantic_task_locks_on_the_arguments_as_the_worker_receives_them(
+    app: Celery, sent: list[str]
+) -> None:
+    """pydantic=True: a model argument is dumped before it is sent; the publish
+    lock's key is the key of the dumped arguments, the one the run computes."""
+    if Account is None:
+        pytest.skip("pydantic is not installed")
+
+    @app.task(base=RedlockTask, shared=False, pydantic=True, redlock_lock_on="publish")
+    def sync(account: Account) -> int:
+        return account.id
+
+    result = sync.delay(Account(id=3, name="ada"))
+    run_key = sync.redlock_key_for(({"id": 3, "name": "ada"},), {})
+    assert manager(sync).holder(run_key) == result.id
