@@ -16,6 +16,7 @@ between two processes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import select
@@ -351,6 +352,10 @@ def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
     raise redis.ConnectionError(f"unexpected reply type {kind!r} from Redis")
 
 
+#: Most replies a connection may leave unread for its next call to read (see
+#: Fanout.call): a call on a connection owing this many reads them and its own.
+MAX_OWED = 8
+
 #: Seconds a node is skipped after it failed or timed out, so that a stalled
 #: node costs one timeout per cool-down, not one per call (a reconnect to a
 #: stopped process would wait out its own timeout each time).
@@ -545,9 +550,7 @@ class _Wire:
                     chunk: bytes = sock.recv(65536, _DONTWAIT)
                 except BlockingIOError:
                     return None
-            elif (hasattr(sock, "pending") and sock.pending()) or select.select([sock], [], [], 0)[
-                0
-            ]:
+            elif (hasattr(sock, "pending") and sock.pending()) or _readable(sock, 0.0):
                 chunk = sock.recv(65536)
             else:
                 return None
@@ -591,8 +594,21 @@ def _wait_ready(wire: _Wire, deadline: float) -> bool:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        select.select([wire.sock], [], [], left)
+        _readable(wire.sock, left)
     return True
+
+
+def _readable(sock: Any, timeout: float) -> bool:
+    """Wait up to ``timeout`` s until ``sock`` can be read (poll: any descriptor number,
+    where select() fails from 1024 on)."""
+    if _POLL:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+    return bool(select.select([sock], [], [], timeout)[0])  # pragma: no cover - no poll()
+
+
+_POLL = hasattr(select, "poll")
 
 
 def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int, settle: bool = True) -> bool:
@@ -718,7 +734,8 @@ class Fanout:
         ``ok``; the other replies are :data:`UNREAD`. They are read, and a
         NOSCRIPT among them answered with its EVAL, by the next call on those
         connections before it sends anything, so every node still runs the
-        commands in the order they were given. Replies owed by plain commands
+        commands in the order they were given; a connection owing
+        :data:`MAX_OWED` replies is read through. Replies owed by plain commands
         only (no fallback: nothing of theirs may have to run again) do not
         hold the next call back: it sends at once and reads them before its
         own reply. A node may apply a command a moment after this returns.
@@ -768,7 +785,7 @@ class Fanout:
                         redis.TimeoutError(f"no reply from {wire.node.name} within {self.timeout}s")
                     )
                     continue
-                if ok is not None and good >= wanted and wire.raw:
+                if ok is not None and good >= wanted and wire.raw and len(wire.owed) < MAX_OWED:
                     wire.owed.append(fallback)  # read by the next call on this connection
                     replies[i] = UNREAD
                     continue

@@ -57,12 +57,13 @@ def _evalsha_head(sha: bytes, nkeys: int, nargs: int) -> bytes:
 # Sets the key if it is free. If it already holds the same token, re-arms the
 # TTL (an owner re-entering its own lock). If it holds ARGV[3] (a reservation
 # such as a task id kept between a Celery run and its retry), replaces that
-# token with the caller's. Returns 1 when the caller holds the key afterwards
-# (2 when it took it over from ARGV[3]), 0 when another token does.
+# token with the caller's. Returns 1 when it set the key, 3 when the key already
+# held the caller's token (re-armed: a failed attempt must not delete it), 2 when
+# it took the key over from ARGV[3], 0 when another token holds it.
 ACQUIRE = Script(
     b"if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end "
     b"local v = redis.call('get', KEYS[1]) "
-    b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end "
+    b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 3 end "
     b"if ARGV[3] and v == ARGV[3] then "
     b"redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 2 end "
     b"return 0"
@@ -71,7 +72,7 @@ ACQUIRE = Script(
 # KEYS[1] the lock key; KEYS[2] the resource's fence counter key;
 # ARGV[1] the owner's token; ARGV[2] the TTL in ms; ARGV[3] (optional) as ACQUIRE.
 # As ACQUIRE, and also reads the node's fence counter and clock.
-# Returns {1 if the caller holds the key afterwards else 0,
+# Returns {as ACQUIRE: 1 set, 3 re-armed, 2 taken over, 0 held by another,
 #          the fence counter (0 when unset), the node's clock in microseconds}.
 # The counter is read on held nodes too: a node that still has the previous
 # holder's key also has its fence, even when the others lost theirs.
@@ -82,8 +83,9 @@ ACQUIRE_FENCED = Script(
     b"local held = 1 "
     b"if not redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
     b"local v = redis.call('get', KEYS[1]) "
-    b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) "
-    b"elseif ARGV[3] and v == ARGV[3] then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) "
+    b"if v == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) held = 3 "
+    b"elseif ARGV[3] and v == ARGV[3] then "
+    b"redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) held = 2 "
     b"else held = 0 end end "
     b"return {held, tonumber(redis.call('get', KEYS[2]) or '0'), now}"
 )

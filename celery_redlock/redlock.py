@@ -276,6 +276,7 @@ class Redlock:
         # A call returns once a quorum said yes; the other replies are read later.
         self._enough_ok = (_is_ok, self.quorum)
         self._enough_one = (_is_one, self.quorum)
+        self._enough_held = (_holds_it, self.quorum)
         #: (resource, token) -> pid of the process that took it (auto_release)
         self._held: dict[tuple[str, str], int] = {}
         self._listener = Listener(self.nodes)
@@ -424,6 +425,7 @@ class Redlock:
         fanout = self._fanout
         start = time.monotonic()
         taken: list[int] = []  # nodes where ``takeover`` was replaced by ``token``
+        kept: list[int] = []  # nodes that already held ``token`` (re-entry): not undone
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
             args = (token, ttl_ms, takeover)
@@ -431,7 +433,10 @@ class Redlock:
             fence_key = key + FENCE_SUFFIX.encode()
             replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), args)
             read = [r for r in replies if isinstance(r, list) and len(r) == 3]
-            granted = [i for i, r in enumerate(replies) if isinstance(r, list) and r[:1] == [1]]
+            codes = [r[0] if isinstance(r, list) and r else None for r in replies]
+            granted = [i for i, c in enumerate(codes) if c in (1, 2, 3) and type(c) is int]
+            taken = [i for i, c in enumerate(codes) if c == 2 and type(c) is int]
+            kept = [i for i, c in enumerate(codes) if c == 3 and type(c) is int]
         elif fresh or takeover is not None:
             # A fresh token (made here, or a run's own when taking over) is held by no
             # one yet: the plain command does (less work on each node than a script).
@@ -448,10 +453,13 @@ class Redlock:
                 for i in held:
                     replies[i] = again[i]
                 taken = [i for i in held if again[i] == 2 and type(again[i]) is int]
-                granted += [i for i in held if _is_one(again[i])] + taken
+                kept = [i for i in held if again[i] == 3 and type(again[i]) is int]
+                granted += [i for i in held if _holds_it(again[i])]
         else:
-            replies = fanout.script(_scripts.ACQUIRE, (key,), args, enough=self._enough_one)
-            granted = [i for i, r in enumerate(replies) if _is_one(r)]
+            replies = fanout.script(_scripts.ACQUIRE, (key,), args, enough=self._enough_held)
+            granted = [i for i, r in enumerate(replies) if _holds_it(r)]
+            taken = [i for i, r in enumerate(replies) if r == 2 and type(r) is int]
+            kept = [i for i, r in enumerate(replies) if r == 3 and type(r) is int]
         drift = self.drift_factor * ttl + DRIFT_CONSTANT
         elapsed = time.monotonic() - start
         fence: int | None = None
@@ -473,11 +481,13 @@ class Redlock:
             return lock, [], None
         votes = self._votes(replies, granted)
         # Undo on every node: a SET may have been applied where the reply was lost. Where
-        # a reservation was taken over, give it back rather than delete it.
+        # a reservation was taken over, give it back rather than delete it; where the
+        # token was already held (an owner re-entering), leave the owner's hold.
         if taken:
             assert takeover is not None
             fanout.script(_scripts.REASSIGN, (key,), (token, takeover, ttl_ms), targets=taken)
-            rest = [i for i in range(len(self.nodes)) if i not in taken]
+        if taken or kept:
+            rest = [i for i in range(len(self.nodes)) if i not in taken and i not in kept]
             fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
         else:
             fanout.script(_scripts.RELEASE, (key,), (token,))
@@ -863,6 +873,11 @@ class Redlock:
 
 def _is_ok(reply: object) -> bool:
     return reply == b"OK"
+
+
+def _holds_it(reply: object) -> bool:
+    """An ACQUIRE reply saying the caller holds the key (set, taken over, or re-armed)."""
+    return reply in (1, 2, 3) and type(reply) is int
 
 
 def _is_one(reply: object) -> bool:

@@ -942,3 +942,19 @@ def test_a_failed_takeover_gives_the_reservation_back(
     with pytest.raises(LockNotAcquired):
         rl.acquire("back", 10, "task-1|aaaaaaaaaaaa", retry_count=0, takeover="task-1")
     assert [c.get("back") for c in clients] == [b"task-1"] * 2 + [b"task-2|bbbbbbbbbbbb"] * 3
+
+
+def test_replies_left_unread_at_quorum_do_not_pile_up(
+    redis_urls: list[str], clients: list[redis.Redis]
+) -> None:
+    """Locks taken and never released (left to expire, as a rate limiter does): each
+    call leaves the last node's reply unread, and a connection owing MAX_OWED of
+    them reads them through, so they never pile up."""
+    from celery_redlock import _nodes
+
+    with Redlock(redis_urls) as rl:
+        for i in range(5 * _nodes.MAX_OWED):
+            assert rl.lock(f"pile-{i}", 10) is not None
+        owed = [len(w.owed) for wires in rl._fanout._idle for w in wires]
+        assert 0 < max(owed) <= _nodes.MAX_OWED
+    assert all(c.get(f"pile-{5 * _nodes.MAX_OWED - 1}") for c in clients)

@@ -379,7 +379,7 @@ def test_acquire_sets_a_free_key_rearms_its_own_and_refuses_another(
     assert run(r, _scripts.ACQUIRE, ["k"], "me", 1000) == 1
     assert r.get("k") == b"me"
     assert 0 < r.pttl("k") <= 1000
-    assert run(r, _scripts.ACQUIRE, ["k"], "me", 50_000) == 1
+    assert run(r, _scripts.ACQUIRE, ["k"], "me", 50_000) == 3  # re-armed, not set
     assert r.pttl("k") > 1000
     assert run(r, _scripts.ACQUIRE, ["k"], "you", 1000) == 0
     assert r.get("k") == b"me"
@@ -393,7 +393,7 @@ def test_acquire_fenced_returns_granted_counter_and_clock_also_when_held(
     assert (granted, counter) == (1, 0)
     assert before - 1_000_000 <= clock <= int(time.time() * 1_000_000) + 1_000_000
     r.set("k:fence", 7)
-    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "me", 1000)[:2] == [1, 7]
+    assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "me", 1000)[:2] == [3, 7]
     # held by another token: not granted, but the counter is still reported
     assert run(r, _scripts.ACQUIRE_FENCED, ["k", "k:fence"], "you", 1000)[:2] == [0, 7]
     assert r.get("k") == b"me"
@@ -514,3 +514,44 @@ def test_owed_ready_waits_for_every_reply_owed_not_only_the_first(
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("python_timeout", [None, 0.5])
+def test_waiting_for_an_owed_reply_works_on_a_descriptor_above_1023(
+    python_timeout: float | None,
+) -> None:
+    """A worker with many files open: a connection's descriptor is 1024 or more,
+    where select() fails; the wait for a reply an earlier call left unread does not."""
+    import os
+    import resource
+    import socket as socket_mod
+    import threading
+
+    from celery_redlock._nodes import _wait_ready, _Wire
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if max(soft, hard if hard != resource.RLIM_INFINITY else 4096) < 1100:
+        pytest.skip(f"this process may open {hard} files, fewer than 1100")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1100), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        a, b = socket_mod.socketpair()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+    try:
+        assert a.fileno() >= 1024
+        a.settimeout(python_timeout)
+        wire = _Wire.__new__(_Wire)
+        wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", object(), False
+        wire.owed = [lambda: b"EVAL"]
+        assert not wire.owed_ready()
+        threading.Timer(0.1, b.sendall, (b":1\r\n",)).start()
+        assert _wait_ready(wire, time.monotonic() + 5.0)
+        assert wire.settle() == []
+    finally:
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

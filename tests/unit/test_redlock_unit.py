@@ -532,8 +532,22 @@ def test_reentry_counts_only_nodes_that_hold_the_same_value(make: Make, clients:
     hold(clients, "r", "other", [0, 1, 2])
     hold(clients, "r", "task-1", [3, 4])
     assert rl.lock("r", 10, value="task-1") is None
-    # theirs untouched; our minority is undone like any failed attempt
-    assert values(clients, "r") == ["other"] * 3 + [None] * 2
+    # Theirs untouched; and the keys that held task-1 before the attempt are left:
+    # a failed re-entry must not delete the hold its owner already had.
+    assert values(clients, "r") == ["other"] * 3 + ["task-1"] * 2
+
+
+def test_a_failed_reentry_leaves_the_owner_s_quorum_and_undoes_only_what_it_set(
+    make: Make, clients: list[Any]
+) -> None:
+    """The owner's token is on one node, another token on three, one node is free:
+    the re-entry fails (2 of 5), the free node it set is undone, and the node it
+    only re-armed keeps the owner's hold."""
+    rl = make(retry_count=0)
+    hold(clients, "r", "task-1", [0])
+    hold(clients, "r", "other", [1, 2, 3])
+    assert rl.lock("r", 10, value="task-1") is None
+    assert values(clients, "r") == ["task-1", "other", "other", "other", None]
 
 
 # --------------------------------------------------------------------------
@@ -1078,3 +1092,16 @@ def test_pack_is_what_force_release_sends(
     monkeypatch.setattr(rl._fanout, "call", spy)
     rl.force_release("jobs:1")
     assert sent == [pack("DEL", "jobs:1")]
+
+
+def test_a_failed_fenced_takeover_gives_the_reservation_back(
+    make: Make, clients: list[Any]
+) -> None:
+    """With fencing too: nodes where the reservation was taken over get it back when
+    the attempt fails, rather than losing it."""
+    rl = make(retry_count=0)
+    hold(clients, "r", "tid", [0, 1])
+    hold(clients, "r", "other", [2, 3, 4])
+    with pytest.raises(LockNotAcquired):
+        rl.acquire("r", 10, "tid|run", fencing=True, takeover="tid")
+    assert values(clients, "r") == ["tid", "tid", "other", "other", "other"]
