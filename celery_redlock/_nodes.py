@@ -414,7 +414,7 @@ class _Wire:
             conn.connect()
         except redis.AuthenticationError:
             raise
-        except Exception as exc:
+        except _IO_ERRORS as exc:  # not a signal handler's exception: the node is fine
             raise self.fail(exc) from None
         health.down_until = 0.0
         self.conn, self.sock, self.buf, self.used = conn, conn._sock, b"", False

@@ -601,8 +601,11 @@ class Redlock:
                 except BaseException:
                     # Interrupted (a signal handler's exception, such as a soft time
                     # limit): nodes may have been set; undo, then let it propagate.
-                    with contextlib.suppress(Exception):
-                        self._fanout.script(_scripts.RELEASE, (key,), (token,))
+                    # Not for a token the caller gave without a takeover: it may be
+                    # the caller's own hold, re-entered, which is not ours to delete.
+                    if value is None or takeover is not None:
+                        with contextlib.suppress(Exception):
+                            self._fanout.script(_scripts.RELEASE, (key,), (token,))
                     raise
                 if lock is not None:
                     return lock

@@ -20,7 +20,8 @@ arguments::
   ``"failure"``, ``"ignored"``, ``"rejected"``, ``"replaced"``, or, from the
   main worker process, ``"terminated"``, ``"revoked"``, ``"expired"``,
   ``"worker-lost"``, ``"time-limit"``; ``"retry-new-arguments"`` when a
-  retry changes the key; ``"postrun:<state>"`` when only the ``task_postrun``
+  retry changes the key; ``"retry"`` for an eager retry (run at once, it takes
+  the key again); ``"postrun:<state>"`` when only the ``task_postrun``
   safety net released it (a subclass whose ``__call__`` skips ``super()``).
   ``held_for`` is None when released by the main worker process (which did
   not take the lock).

@@ -33,7 +33,8 @@ The lock's life:
 - released as soon as the body ends, before the result is stored (so a
   caller woken by ``.get()`` finds the lock free): on success, failure,
   ``Ignore``, ``Reject`` and ``Task.replace()``;
-- kept across ``self.retry()`` and ``autoretry_for``: when the retry is sent
+- kept across ``self.retry()`` and ``autoretry_for`` (eager retries, run at
+  once by ``apply()``, release it and take it again): when the retry is sent
   (before the message can reach another worker) the lock is handed to the task
   id, its TTL covering the countdown or ETA, and the retried run takes it over;
   released when the retry changes the arguments, and so the key. (With
@@ -94,7 +95,8 @@ the nodes (retried instead when the task's ``autoretry_for`` covers it), and
 Settings: see :mod:`celery_redlock.config`. Signals: see
 :mod:`celery_redlock.signals`. For your own tests: :mod:`celery_redlock.testing`.
 
-Eager runs (``task_always_eager``, ``.apply()``) lock the same way. Calling
+Eager runs (``task_always_eager``, ``.apply()``) lock the same way at run time
+(no publish-time lock: the call runs at once). Calling
 the task object directly (``sync_account(1)``) runs the function without any
 lock, as Celery runs it without a worker. ``send_task`` by name does not go
 through this class, so it takes no publish-time lock (the run still locks).
@@ -551,7 +553,9 @@ class RedlockTask(Task):  # type: ignore[misc]
         if isinstance(run, _Run) and not run.done:
             run.replaced_by = sig
             handed = run.lock is not None and self._redlock_same_work(run, sig)
-            self._redlock_end(run, "replaced")
+            options = getattr(sig, "options", None) or {}
+            delay = _seconds_until(options.get("countdown") or options.get("eta"))
+            self._redlock_end(run, "replaced", delay=delay)
         try:
             return super().on_replace(sig)
         except Ignore:
@@ -563,9 +567,20 @@ class RedlockTask(Task):  # type: ignore[misc]
                     run.manager.release(run.key, run.task_id)
             raise
 
-    def _redlock_end(self, run: _Run, reason: str) -> None:
-        """Release the run's lock (or leave it to expire at the end of ``redlock_hold``)."""
+    def _redlock_end(
+        self, run: _Run, reason: str, *, delay: float = 0.0, hold: bool = True
+    ) -> None:
+        """Release the run's lock (or leave it to expire at the end of ``redlock_hold``).
+
+        ``reason="replaced"`` by the same work (this task id and key): the lock
+        is handed to the task id for ``redlock_ttl + delay`` instead, for the
+        replacement to take over. ``hold=False``: released even within
+        ``redlock_hold`` (an eager retry, run at once under the same task id).
+        """
         if run.done:
+            return
+        if reason == "replaced" and self._redlock_same_work(run, run.replaced_by):
+            self._redlock_hand_over(run, delay)
             return
         run.done = True
         if run.watch is not None:
@@ -573,17 +588,20 @@ class RedlockTask(Task):  # type: ignore[misc]
         lock, manager = run.lock, run.manager
         if lock is None or manager is None:
             return
-        if reason == "replaced" and self._redlock_same_work(run, run.replaced_by):
-            # The replacement has this task id and key: it takes the lock over.
-            manager.reassign(lock, run.task_id, run.settings.ttl)
-            return
         held_for = time.monotonic() - run.acquired_at
-        hold_left = run.settings.hold - held_for
-        if hold_left >= 0.001:
-            manager.extend(lock, hold_left)
-        else:
-            hold_left = 0.0
-            manager.release(lock)
+        hold_left = run.settings.hold - held_for if hold else 0.0
+        try:
+            if hold_left >= 0.001:
+                manager.extend(lock, hold_left)
+            else:
+                hold_left = 0.0
+                manager.release(lock)
+        except BaseException:
+            # Interrupted (a soft time limit firing in the release): try once more,
+            # or the key stays held until its TTL with no run behind it.
+            with contextlib.suppress(Exception):
+                manager.release(lock)
+            raise
         lock_released.send(
             sender=self,
             task_id=run.task_id,
@@ -605,15 +623,18 @@ class RedlockTask(Task):  # type: ignore[misc]
     def _redlock_keep_for_retry(self, run: _Run, retry: Retry) -> None:
         """Keep the lock for the retried run (same task id), its TTL covering the delay.
 
-        A retry sent by a worker was handed the lock in :meth:`apply_async`; this
-        covers the rest (eager runs, whose retry is run by ``apply``).
+        A retry sent by a worker was handed the lock in :meth:`apply_async`;
+        this covers a retry that was not sent through it. An eager retry is run
+        by ``apply()`` at once, or not at all (``task_eager_propagates``): its
+        lock is released (past ``redlock_hold`` too), and the retried run takes
+        the key again.
         """
         if run.done:
             return
         if self.request.is_eager:
             # apply() runs the retry at once, or not at all (task_eager_propagates
             # raises the Retry to the caller): nothing to keep it for.
-            self._redlock_end(run, "retry")
+            self._redlock_end(run, "retry", hold=False)
             return
         sig = getattr(retry, "sig", None)
         if sig is not None and not self._redlock_same_work(run, sig):
@@ -636,8 +657,9 @@ class RedlockTask(Task):  # type: ignore[misc]
             run.manager.release(run.key, token)
             run.manager.release(run.key, run.task_id)
             _log.warning(
-                "task %s[%s]: its lock %s could not be kept for the retry (lost or nodes "
-                "down): released; the retried run takes it like any other",
+                "task %s[%s]: its lock %s could not be handed to its task id for the next "
+                "run (a retry or a replacement; lost, or nodes down): released; that run "
+                "takes it like any other",
                 self.name,
                 run.task_id,
                 run.key,
@@ -735,7 +757,8 @@ class RedlockTask(Task):  # type: ignore[misc]
         settings = self.redlock_settings
         key_args, key_kwargs = args, kwargs
         dump = getattr(self, "_dump_pydantic_arguments", None)  # pydantic=True (Celery 5.5+)
-        if dump is not None and options.get("serializer") != "pickle":
+        serializer = dict(self._get_exec_options(), **options).get("serializer")
+        if dump is not None and serializer != "pickle":
             key_args, key_kwargs = dump(args, kwargs)  # as the worker will receive them
         key = self.redlock_key_for(key_args, key_kwargs)
         send = functools.partial(
@@ -785,13 +808,15 @@ class RedlockTask(Task):  # type: ignore[misc]
                 manager.release(outcome)
                 raise
         if isinstance(outcome, LockNotAcquired):
-            if settings.on_unavailable == "run":
+            if settings.on_unavailable == "run" or given:
                 _log.warning(
-                    "task %s[%s] sent WITHOUT its publish lock %s "
-                    "(redlock_on_unavailable='run'): %s",
+                    "task %s[%s] sent WITHOUT its publish lock %s (%s): %s",
                     self.name,
                     task_id,
                     key,
+                    "its task id was given: its run meets the lock"
+                    if given
+                    else "redlock_on_unavailable='run'",
                     outcome,
                 )
                 return send(task_id=task_id, **options)

@@ -604,3 +604,98 @@ def test_a_pydantic_task_locks_on_the_arguments_as_the_worker_receives_them(
     result = sync.delay(Account(id=3, name="ada"))
     run_key = sync.redlock_key_for(({"id": 3, "name": "ada"},), {})
     assert manager(sync).holder(run_key) == result.id
+
+
+def test_an_eager_retry_within_redlock_hold_runs_the_retry(app: Celery) -> None:
+    """redlock_hold keeps a finished run's key; an eager retry, run at once under the
+    same task id, is not that: its lock is released and the retried run takes it."""
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_hold=30)
+    def work(self: Any, n: int) -> int:
+        if not self.request.retries:
+            raise self.retry(countdown=0)
+        return int(self.request.retries)
+
+    assert work.apply((1,)).get() == 1
+
+
+def test_an_eager_replacement_whose_hand_over_fails_still_runs(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-over to the task id fails (nodes down, the lock lost): what is left
+    is released and the replacement takes the key like any other."""
+    monkeypatch.setattr(Redlock, "reassign", lambda self, lock, value, ttl: False)
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_key=("account",))
+    def page(self: Any, account: int, number: int) -> int:
+        if number < 2:
+            return int(self.replace(page.si(account, number + 1)))
+        return number
+
+    assert page.apply((7, 1), throw=True).get() == 2
+    assert manager(page).holder(page.redlock_key_for((7, 0), {})) is None
+
+
+def test_a_release_interrupted_by_a_signal_handler_is_tried_again(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft time limit fires inside the release at the end of the body: the
+    release is tried once more, so the key is not left to its TTL, and the
+    exception still ends the run."""
+
+    class Interrupted(Exception):
+        pass
+
+    release = Redlock.release
+    calls: list[int] = []
+
+    def interrupted_once(self: Redlock, *args: Any, **kwargs: Any) -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise Interrupted
+        return release(self, *args, **kwargs)
+
+    monkeypatch.setattr(Redlock, "release", interrupted_once)
+
+    @app.task(base=RedlockTask, shared=False)
+    def work(n: int) -> int:
+        return n
+
+    with pytest.raises(Interrupted):
+        work.apply((1,), throw=True)
+    assert manager(work).holder(work.redlock_key_for((1,), {})) is None
+
+
+def test_a_given_task_id_is_sent_also_when_the_nodes_are_down(app: Celery, sent: list[str]) -> None:
+    """No quorum at publish time: a call whose id was given (a chain step the worker
+    sends, a group member) is sent, and its run meets the lock; a plain call fails."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+              redlock_servers=[dead], redlock_node_timeout=0.05, redlock_retry_count=1)  # fmt: skip
+    def work(n: int) -> None: ...
+
+    assert work.apply_async((1,), task_id="chain-step").id == "chain-step"
+    assert sent == ["chain-step"]
+    with pytest.raises(LockNotAcquired):
+        work.delay(1)
+
+
+def test_a_pydantic_task_sent_with_pickle_keys_on_the_models_it_sends(
+    app: Celery, sent: list[str]
+) -> None:
+    """With the pickle serializer Celery sends the models themselves, so the key is
+    built from them, as the run will: one the key cannot encode fails at .delay()."""
+    if Account is None:
+        pytest.skip("pydantic is not installed")
+    app.conf.task_serializer = "pickle"
+
+    @app.task(base=RedlockTask, shared=False, pydantic=True, redlock_lock_on="publish")
+    def sync(account: Account) -> int:
+        return account.id
+
+    with pytest.raises(RedlockConfigError, match="argument 'account' \\(Account\\)"):
+        sync.delay(Account(id=3, name="ada"))
+    assert sent == []
