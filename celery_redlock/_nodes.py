@@ -51,9 +51,16 @@ ServerSpec = Union[str, "redis.Redis"]
 
 DEFAULT_PORT = 6379
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#]*@")
+#: A password given as a query parameter (``?password=...``).
+_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#\s]*")
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:/\s\[\]]+))(?::(?P<port>\d+))?$"
 )
+
+
+def _scrub(text: str) -> str:
+    """``text`` (an error message) with the credentials of any URL in it hidden."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_CREDENTIALS.sub("***@", text))
 
 
 def redact(spec: str) -> str:
@@ -62,7 +69,7 @@ def redact(spec: str) -> str:
     Credentials end at the last ``@`` before the path, as URL parsers read them.
     """
     if "://" in spec:
-        return _URL_CREDENTIALS.sub("***@", spec)
+        return _scrub(spec)
     if "@" in spec and not any(ch.isspace() for ch in spec):  # "user:pw@host:port"
         return "***@" + spec.rpartition("@")[2]
     return spec
@@ -106,7 +113,9 @@ class Node:
         Two databases of one server are one node: they fail together.
         """
         kw = dict(self.connection_kwargs)
-        return (kw.get("path"), kw.get("host"), kw.get("port"))
+        if kw.get("path"):
+            return (kw["path"], None, None)
+        return (None, kw.get("host"), kw.get("port") or 6379)  # "redis://h" is port 6379
 
     def connect(self, timeout: float) -> Conn:
         """A new, not yet connected, connection with ``timeout`` for connect and reads."""
@@ -863,9 +872,9 @@ def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply) -> Re
 def classify(node: Node, reply: Reply, yes: bool) -> NodeVote:
     """Turn one reply into a :class:`NodeVote` (``yes`` decides between YES and HELD)."""
     if isinstance(reply, (TimeoutError, redis.TimeoutError)):
-        said = _URL_CREDENTIALS.sub("***@", str(reply))
+        said = _scrub(str(reply))
         return NodeVote(node.name, Vote.TIMEOUT, f"no reply within the per-node timeout ({said})")
     if isinstance(reply, BaseException):
-        said = _URL_CREDENTIALS.sub("***@", str(reply))
+        said = _scrub(str(reply))
         return NodeVote(node.name, Vote.ERROR, f"{type(reply).__name__}: {said}")
     return NodeVote(node.name, Vote.YES if yes else Vote.HELD)

@@ -253,7 +253,10 @@ def validate_value(
 
 
 def _broker_servers(app: Any) -> tuple[Any, ...]:
-    url = app.conf.get("broker_write_url") or app.conf.get("broker_url")
+    # The properties, as kombu connects with them: CELERY_BROKER_WRITE_URL and
+    # CELERY_BROKER_URL in the environment come first.
+    conf = app.conf
+    url = getattr(conf, "broker_write_url", None) or getattr(conf, "broker_url", None)
     if isinstance(url, (list, tuple)):
         url = url[0] if url else None
     if isinstance(url, str):

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Union
 
 from kombu.utils.json import JSONEncoder
@@ -91,7 +91,9 @@ def canonical(value: object) -> bytes:
     Raises TypeError when kombu's JSON cannot encode ``value`` (a set, an
     arbitrary object, ...).
     """
-    return _ENCODER.encode(_normalise(value)).encode("utf-8")
+    # surrogatepass: a str with a lone surrogate (a file name that is not UTF-8)
+    # is sent by kombu (its JSON escapes it) and so must be keyed too.
+    return _ENCODER.encode(_normalise(value)).encode("utf-8", "surrogatepass")
 
 
 def digest(data: bytes) -> str:
@@ -112,9 +114,14 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature:
 
 
 def bind_arguments(
-    func: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], task_name: str
+    func: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    task_name: str,
+    defaults: bool = True,
 ) -> inspect.BoundArguments:
-    """Bind ``args``/``kwargs`` to ``func``'s signature, defaults applied.
+    """Bind ``args``/``kwargs`` to ``func``'s signature, defaults applied (unless
+    ``defaults=False``).
 
     Raises TypeError naming the task when the arguments do not fit.
     """
@@ -125,19 +132,32 @@ def bind_arguments(
             f"task {task_name}: the arguments {tuple(args)!r}, {dict(kwargs)!r} do not match "
             f"its signature {_signature(func)}: {exc}"
         ) from None
-    bound.apply_defaults()
+    if defaults:
+        bound.apply_defaults()
     return bound
 
 
-def _encode_arguments(arguments: Mapping[str, Any], task_name: str) -> bytes:
+def _encode_arguments(
+    arguments: Mapping[str, Any], task_name: str, given: Collection[str] | None = None
+) -> bytes:
+    """The canonical bytes of the arguments; RedlockConfigError naming one that fails.
+
+    ``given``: the names the call passed. A default the call left alone is never
+    sent, so it need not be encodable: one that is not (a sentinel object, an
+    Enum) stands in the key as a mark naming its parameter.
+    """
     try:
         return canonical(dict(arguments))
     except (TypeError, ValueError):
         pass
+    fixed = dict(arguments)
     for name, value in arguments.items():  # find the argument to name in the error
         try:
             canonical(value)
         except (TypeError, ValueError) as exc:
+            if given is not None and name not in given:
+                fixed[name] = {"\x00default": name}
+                continue
             raise RedlockConfigError(
                 f"task {task_name}: argument {name!r} ({type(value).__name__}) cannot be "
                 f"encoded for its lock key ({exc}). The key hashes the arguments as kombu's "
@@ -145,9 +165,12 @@ def _encode_arguments(arguments: Mapping[str, Any], task_name: str) -> bytes:
                 "Decimal, bytes). Pass an encodable value, or set redlock_key to the names "
                 "of the arguments that identify the work, or to a callable returning a str."
             ) from None
-    raise RedlockConfigError(  # pragma: no cover - each argument alone was encodable
-        f"task {task_name}: its arguments cannot be encoded for its lock key"
-    )
+    try:
+        return canonical(fixed)
+    except (TypeError, ValueError):  # pragma: no cover - each argument alone was encodable
+        raise RedlockConfigError(
+            f"task {task_name}: its arguments cannot be encoded for its lock key"
+        ) from None
 
 
 def check_key_spec(spec: object, func: Callable[..., Any] | None, where: str) -> None:
@@ -195,7 +218,9 @@ def build_key(
     """
     if spec == "":
         return f"{prefix}{task_name}"
-    bound = bind_arguments(func, args or (), kwargs or {}, task_name)
+    bound = bind_arguments(func, args or (), kwargs or {}, task_name, defaults=False)
+    given = set(bound.arguments)
+    bound.apply_defaults()
     if callable(spec):
         made = spec(*bound.args, **bound.kwargs)
         if not isinstance(made, str):
@@ -208,7 +233,7 @@ def build_key(
     if spec is not None:
         names: Sequence[str] = spec  # type: ignore[assignment]
         arguments = {name: _lookup(bound, name, task_name) for name in names}
-    return f"{prefix}{task_name}:{digest(_encode_arguments(arguments, task_name))}"
+    return f"{prefix}{task_name}:{digest(_encode_arguments(arguments, task_name, given))}"
 
 
 def _lookup(bound: inspect.BoundArguments, name: str, task_name: str) -> Any:

@@ -88,6 +88,19 @@ def test_servers_default_to_a_redis_broker() -> None:
     assert resolve_settings(app).servers == ("redis://one:6379/0",)
 
 
+def test_servers_default_to_the_broker_celery_connects_to_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CELERY_BROKER_URL (and CELERY_BROKER_WRITE_URL) in the environment win over
+    the app's broker_url for kombu; the default lock server follows them."""
+    app = make_app()
+    app.conf.broker_url = "redis://localhost:6379/0"
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://prod:6379/3")
+    assert resolve_settings(app).servers == ("redis://prod:6379/3",)
+    monkeypatch.setenv("CELERY_BROKER_WRITE_URL", "redis://writer:6379/4")
+    assert resolve_settings(app).servers == ("redis://writer:6379/4",)
+
+
 def test_no_servers_and_a_broker_that_is_not_redis_names_redlock_servers() -> None:
     app = make_app()
     app.conf.broker_url = "amqp://guest:secret@rabbit//"

@@ -240,3 +240,35 @@ def test_a_forked_child_counts_its_runs_afresh_and_knows_its_own_pid() -> None:
     assert said[0] == said[1] == str(child)
     # From a new random start: not the parent's next token (1 in 16.7 million to match).
     assert said[2] != run_token("t", mark)
+
+
+_UNSET = object()
+
+
+class _Mode:
+    """A default value kombu's JSON cannot encode (a sentinel, an Enum member)."""
+
+
+def with_sentinel(x: Any, since: Any = _UNSET, mode: Any = _Mode) -> None: ...
+
+
+def test_a_default_the_call_does_not_pass_need_not_be_encodable() -> None:
+    """A default is never sent: f(1) and f(x=1) share a key though ``since``'s default
+    is a sentinel; passing such a value explicitly still fails, naming it."""
+    key = build_key("p:", "t", with_sentinel, (1,), {})
+    assert key == build_key("p:", "t", with_sentinel, (), {"x": 1})
+    assert key != build_key("p:", "t", with_sentinel, (2,), {})
+    assert key != build_key("p:", "t", with_sentinel, (1, "2026-01-01"), {})
+    with pytest.raises(RedlockConfigError, match="argument 'since' \\(object\\)"):
+        build_key("p:", "t", with_sentinel, (1, object()), {})
+
+
+def test_a_str_with_a_lone_surrogate_is_keyed_as_kombu_sends_it() -> None:
+    """A file name that is not UTF-8 (os.listdir gives lone surrogates): kombu's JSON
+    sends it escaped, and the worker receives the same str; both key alike."""
+    name = "caf\udce9.txt"
+    sent = loads(dumps([name]))
+    assert sent == [name]
+    key = build_key("p:", "t", sync_account, (name,), {})
+    assert key == build_key("p:", "t", sync_account, tuple(sent), {})
+    assert key != build_key("p:", "t", sync_account, ("caf\u00e9.txt",), {})

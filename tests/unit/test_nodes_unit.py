@@ -166,6 +166,13 @@ def test_the_same_server_twice_is_refused(servers: list[object]) -> None:
         parse_servers(servers)
 
 
+def test_a_server_named_with_and_without_its_default_port_is_one_node() -> None:
+    """ "redis://h" is port 6379: listed again as "redis://h:6379/1" it would count
+    as two of the votes."""
+    with pytest.raises(RedlockConfigError, match="listed twice"):
+        parse_servers(["redis://h/0", "redis://h:6379/1", "redis://x"])
+
+
 def test_different_ports_or_hosts_are_different_nodes() -> None:
     assert len(parse_servers(["h:1", "h:2", "g:1"])) == 3
 
@@ -178,6 +185,7 @@ def test_different_ports_or_hosts_are_different_nodes() -> None:
         ("unix://:pw@/tmp/s.sock", "unix://***@/tmp/s.sock"),
         ("redis://h:1/0", "redis://h:1/0"),
         ("h:1", "h:1"),
+        ("redis://h:1/0?password=pw&db=2", "redis://h:1/0?password=***&db=2"),
     ],
 )
 def test_redact_hides_credentials_in_urls(text: str, redacted: str) -> None:
