@@ -759,6 +759,10 @@ class Fanout:
         order = range(len(wires)) if targets is None else list(targets)
         ok, wanted = enough if enough is not None else (None, 0)
         good = 0
+        # One deadline for the whole call, counted from its start: a connection
+        # that took the timeout to open is not followed by a second full wait for a
+        # reply an earlier call left on another node.
+        deadline = time.monotonic() + self.timeout
         try:
             _connect_together([wires[i] for i in order if wires[i].sock is None])
             held: set[int] = set()
@@ -775,7 +779,6 @@ class Fanout:
                         sent.append(i)
                 else:
                     held.add(i)  # a script's reply is still on the way: sent below
-            deadline = time.monotonic() + self.timeout
             late = False
             for i in sorted([*sent, *held]) if held else sent:
                 wire = wires[i]

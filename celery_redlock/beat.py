@@ -25,13 +25,24 @@ send, stops sending at once and goes back to standby: it never crashes and
 never sends without the lock. On a clean shutdown it releases the lock, so a
 standby takes over at its next poll.
 
-A limit: each instance keeps its own phase for an interval schedule
-(``"schedule": 10.0``), counted from when it started. After a SIGKILL the
-gap is at least the TTL anyway, but at a clean hand-over the new leader's
-first send can come sooner than one interval after the old leader's last.
-A crontab schedule has the same due times on every instance, so it is
-never sent twice for one due time; for an interval job that must run at
-most once per period, make it a ``RedlockTask`` with ``redlock_hold``.
+Limits, at a change of leader (the lock itself is never held by two):
+
+- each instance keeps its own phase for an interval schedule (``"schedule":
+  10.0``), counted from when it started. After a SIGKILL the gap is at
+  least the TTL anyway, but at a clean hand-over the new leader's first
+  send can come sooner than one interval after the old leader's last;
+- a crontab schedule has the same due times on every instance, but each
+  reads its own clock: at a clean hand-over (the lock released, a standby
+  leading within a poll) a due time the old leader had just sent can be
+  sent again by a new leader whose clock is behind by more than the gap;
+- with ``redlock_standby_ticks = False`` a standby does not tick, and a
+  scheduler that caches its entries in memory (django-celery-beat reads
+  them once) still has the entries as it read them when it takes over:
+  whatever the old leader sent since then is due again for it.
+
+For a job that must run at most once per period whatever the beats do, make
+it a ``RedlockTask`` with ``redlock_hold`` (a period, or a little less): a
+second send inside the hold is a duplicate and does not run.
 
 :class:`RedlockSchedulerMixin` wraps any scheduler class::
 
@@ -220,8 +231,19 @@ class RedlockSchedulerMixin:
             renewed = False
         if renewed:
             self._next_renew = time.monotonic() + self._ttl / 3
+        elif self.is_leader and lock.remaining is not None:
+            # Still valid beyond the send margin (one slow or failed node): try again
+            # soon rather than give up a lock a standby would have to wait out.
+            left = lock.remaining
+            self._next_renew = time.monotonic() + max(0.05, min(self._poll, left / 3))
+            logger.warning(
+                "beat: renewing the leader lock failed; %.1f s of it left, trying again", left
+            )
         else:
-            self._step_down("the leader lock could not be renewed on a quorum")
+            self._step_down(
+                "the leader lock could not be renewed before its validity ran out "
+                "(no quorum kept it, or this process was paused)"
+            )
 
     def _complain(self, level: int, msg: str, *args: object) -> None:
         """Log a failure to lead; the same kind again, until it changes, only at DEBUG."""
@@ -277,6 +299,10 @@ class RedlockSchedulerMixin:
             logger.debug("beat: standby, not sending %s", getattr(entry, "name", entry))
             return
         if not self.is_leader:
+            logger.warning(
+                "beat: not sending %s: the leader lock's validity ran out first",
+                getattr(entry, "name", entry),
+            )
             self._step_down("the leader lock's validity ran out before a send")
             return
         super().apply_entry(entry, producer=producer)  # type: ignore[misc]

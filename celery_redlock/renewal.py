@@ -67,7 +67,9 @@ class Watch:
         self.cancelled = False
         self.lost = False
         self.renewals = 0
-        self._busy = threading.Lock()  # held while a renewal is in flight
+        # Held while a renewal, or the on_lost call after it, is in flight (an RLock:
+        # on_lost may cancel its own watch).
+        self._busy = threading.RLock()
 
     def cancel(self) -> None:
         """Stop renewing. Idempotent.
@@ -199,15 +201,25 @@ class Renewer:
                 return
             try:
                 self._renew(item)
-            except Exception:  # never let the thread die
+            except Exception:  # never let the thread die; the watch is off the queue now
                 _log.exception("renewal of lock %r failed unexpectedly", item.lock.resource)
+                with item._busy:
+                    if not item.cancelled and not item.lost:
+                        item.lost = True  # no longer renewed: its holder must be told
+                        self._tell_lost(item)
 
     def _renew(self, item: Watch) -> None:
+        # on_lost is called under _busy too: a cancel() that returned (the run
+        # ended) is never followed by a "lost" call for that run.
         with item._busy:
             if item.cancelled:
                 return
-            lost = self._extend(item)
-        if lost and item.on_lost is not None:
+            if self._extend(item):
+                self._tell_lost(item)
+
+    @staticmethod
+    def _tell_lost(item: Watch) -> None:
+        if item.on_lost is not None:
             try:
                 item.on_lost(item)
             except Exception:

@@ -166,17 +166,49 @@ def test_leader_cut_off_from_a_majority_steps_down_and_does_not_send(
     nodes[1].pause()
     try:
         cut = time.monotonic()
-        drive([a, b], 1.5)  # past a renewal (0.5 s) and the whole TTL (1.5 s)
+        drive([a, b], 1.5 + 0.3)  # past the whole TTL (1.5 s) after its last renewal
         assert not a.is_leader
         assert not b.is_leader
-        # a sent only until its first failed renewal, and nothing sent after.
-        assert spy_a.since(cut + 0.5 + 0.3) == []
+        # a kept trying to renew while its lock was still valid; it sent nothing
+        # once its validity (the last renewal, before the cut, plus the TTL) ran out.
+        assert spy_a.since(cut + 1.5) == []
         assert spy_b.sends == []
     finally:
         nodes[0].resume()
         nodes[1].resume()
     drive([a, b], 1.5 + 0.5)  # the paused nodes' keys run out; someone leads again
     assert [a.is_leader, b.is_leader].count(True) == 1
+
+
+def test_a_failed_renewal_with_validity_left_is_retried_and_the_leader_stays(
+    redis_urls: list[str],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One renewal fails (a slow node, a lost reply) while the lock has most of its
+    TTL left: the leader tries again soon instead of stepping down (which would
+    hand leadership over, or leave no leader until the TTL ran out)."""
+    app = make_app(redis_urls[:3])
+    a, spy_a = schedulers(app)
+    drive([a], 0.3)
+    assert a.is_leader
+    lock = a._leader
+    manager = get_redlock(resolve_settings(app))
+    real = type(manager).extend
+    failures: list[float] = []
+
+    def fails_once(self: Any, *args: Any, **kwargs: Any) -> bool:
+        if not failures:
+            failures.append(time.monotonic())
+            return False
+        return bool(real(self, *args, **kwargs))
+
+    monkeypatch.setattr(type(manager), "extend", fails_once)
+    drive([a], 1.5)  # past two renewals (every 0.5 s)
+    assert failures
+    assert a.is_leader
+    assert a._leader is lock  # the same lock, renewed after the failure
+    assert spy_a.since(failures[0] + 0.1)  # and it kept sending
 
 
 def test_leader_paused_past_its_ttl_does_not_send_when_it_wakes(

@@ -252,3 +252,28 @@ def test_an_acquire_interrupted_mid_call_leaves_no_key_behind(
     values = [node.client().get("interrupted") for node in nodes[1:]]
     assert values == [None] * (N - 1)
     assert rl.holder("interrupted") is None
+
+
+def test_a_reconnect_and_an_owed_reply_on_stalled_nodes_cost_one_timeout_together(
+    fresh_nodes: FreshNodes,
+) -> None:
+    """One stalled node must be connected again, another owes a script's reply from
+    an earlier call: the call has one deadline for both, not a timeout each."""
+    timeout = 0.3
+    nodes = fresh_nodes(3)
+    with Redlock([n.url for n in nodes], node_timeout=timeout, retry_count=0) as rl:
+        rl.release(rl.acquire("warm", 10))
+        assert rl.holder("warm") is None  # reads every node: nothing owed yet
+        nodes[2].pause()  # its replies are left unread at quorum from now on
+        rl.release(rl.acquire("owed", 10))  # the release leaves a script's reply owed
+        (wires,) = rl._fanout._idle
+        assert wires[2].owed and any(wires[2].owed)
+        nodes[1].pause()
+        wires[1].close()  # so the next call opens it again, on a stalled node
+        started = time.monotonic()
+        with pytest.raises(LockNotAcquired):
+            rl.acquire("stalled", 10)
+        elapsed = time.monotonic() - started
+        nodes[1].resume()
+        nodes[2].resume()
+    assert elapsed < timeout + 0.15, f"{elapsed:.3f}s"

@@ -245,3 +245,48 @@ def wait_until(predicate: Any, timeout: float) -> bool:
             return True
         time.sleep(0.01)
     return bool(predicate())
+
+
+def test_a_lost_lock_is_told_before_a_cancel_in_flight_returns(renewer: Renewer) -> None:
+    """The renewal finds the lock lost while the run ends (cancel() waiting for it):
+    the run is told before cancel() returns, never after (a finished run would get
+    an ERROR and a lock_lost for a lock it no longer needs)."""
+    in_flight, gate = threading.Event(), threading.Event()
+    told: list[float] = []
+
+    class LosingManager(FakeManager):
+        def extend(self, lock: Lock, ttl: float, *, strict: bool = False) -> bool:
+            in_flight.set()
+            gate.wait(2)
+            raise LockExtendError(lock.resource, [NodeVote(n, Vote.HELD) for n in self.nodes])
+
+    def on_lost(watch: Watch) -> None:
+        time.sleep(0.1)
+        told.append(time.monotonic())
+
+    watch = renewer.watch(held(LosingManager(), 1.0), 1.0, on_lost, interval=0.01)
+    assert in_flight.wait(2)
+    threading.Timer(0.05, gate.set).start()
+    watch.cancel()
+    returned = time.monotonic()
+    time.sleep(0.2)
+    assert len(told) == 1
+    assert told[0] <= returned
+
+
+def test_a_watch_whose_renewal_fails_unexpectedly_is_reported_lost(renewer: Renewer) -> None:
+    """A bug raising in the renewal takes the watch off the queue: it is no longer
+    renewed, so its holder is told the lock is lost instead of never hearing."""
+
+    class BrokenLock(Lock):
+        @property
+        def remaining(self) -> float | None:
+            raise RuntimeError("bug")
+
+    seen, event, on_lost = lost_recorder()
+    manager = FakeManager([[Vote.ERROR] * 3])
+    lock = BrokenLock("res", "token", 1.0, time.monotonic() + 1.0, None, manager)
+    watch = renewer.watch(lock, 1.0, on_lost, interval=0.01)
+    assert event.wait(2)
+    assert seen == [watch]
+    assert watch.lost
