@@ -120,6 +120,8 @@ from celery import Task
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import loads as json_loads
 
 from . import _process, renewal
 from .config import (
@@ -760,6 +762,11 @@ class RedlockTask(Task):  # type: ignore[misc]
         serializer = dict(self._get_exec_options(), **options).get("serializer")
         if dump is not None and serializer != "pickle":
             key_args, key_kwargs = dump(args, kwargs)  # as the worker will receive them
+        if callable(settings.key) and serializer in (None, "json"):
+            # A key function sees the arguments as the worker will (lists for tuples,
+            # str dict keys), so the run computes the key the publish lock is under.
+            sent = json_dumps([list(key_args or ()), dict(key_kwargs or {})])  # type: ignore[no-untyped-call]
+            key_args, key_kwargs = json_loads(sent)  # type: ignore[no-untyped-call]
         key = self.redlock_key_for(key_args, key_kwargs)
         send = functools.partial(
             super().apply_async,

@@ -699,3 +699,18 @@ def test_a_pydantic_task_sent_with_pickle_keys_on_the_models_it_sends(
     with pytest.raises(RedlockConfigError, match="argument 'account' \\(Account\\)"):
         sync.delay(Account(id=3, name="ada"))
     assert sent == []
+
+
+def test_a_key_function_sees_the_arguments_as_the_worker_receives_them(
+    app: Celery, sent: list[str]
+) -> None:
+    """kombu's JSON turns a tuple into a list: the publish lock is taken under the
+    key the run will compute from what it receives."""
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+              redlock_key=lambda ids, opts: f"{ids!r}:{sorted(opts)!r}")  # fmt: skip
+    def work(ids: Any, opts: Any) -> None: ...
+
+    result = work.delay((1, 2), {1: "a"})
+    run_key = work.redlock_key_for(([1, 2], {"1": "a"}), {})
+    assert manager(work).holder(run_key) == result.id
