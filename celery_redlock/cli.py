@@ -98,6 +98,13 @@ def _task_of(key: str, prefix: str) -> str | None:
     return match["task"] if match else None
 
 
+#: Deletes KEYS[1] only when it is a string (what a lock is); 1 when deleted.
+_DELETE_STRING = (
+    "if redis.call('type', KEYS[1]).ok == 'string' then "
+    "return redis.call('del', KEYS[1]) end return 0"
+)
+
+
 def _delete(manager: Redlock, key: str) -> tuple[int, list[str]]:
     """Delete ``key`` on every node whoever holds it: how many had it, and the unreachable nodes.
 
@@ -108,7 +115,9 @@ def _delete(manager: Redlock, key: str) -> tuple[int, list[str]]:
     for node in manager.nodes:
         client = node.client(ADMIN_TIMEOUT)
         try:
-            if client.delete(key):
+            # A lock is a string; a list, hash or set of that name (a Celery queue on
+            # the broker's Redis) is not one, and is left alone.
+            if client.eval(_DELETE_STRING, 1, key):
                 count += 1
                 with contextlib.suppress(redis.ResponseError):  # an ACL denying the channel
                     client.publish(channel(key.encode()), key)
@@ -308,7 +317,11 @@ _FORCE_HELP = (
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def release(ctx: click.Context, key: str, force: bool, as_json: bool) -> None:
-    """Delete the lock KEY on every node, whoever holds it (needs --force)."""
+    """Delete the lock KEY on every node, whoever holds it (needs --force).
+
+    Only a string key (a lock) is deleted: a list, hash or set of that name is not
+    a lock and is left alone.
+    """
     out = _Out(as_json)
     if not force:
         _fail(out, f"not released: {key!r}. {_FORCE_HELP}")

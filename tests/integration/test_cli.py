@@ -347,3 +347,16 @@ def test_celery_finds_the_redlock_subcommand_through_its_entry_point(
     )
     assert listed.returncode == 0, listed.stderr
     assert [lock["holder"] for lock in json.loads(listed.stdout)["locks"]] == ["task-id-1"]
+
+
+def test_release_force_leaves_a_key_that_is_not_a_lock(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    """A Celery queue (a list) on the broker's Redis, named by mistake: not a lock,
+    not deleted."""
+    urls, _ = three
+    for client in clients(urls):
+        client.rpush("celery", "a message")
+    result = cli(urls, "release", "celery", "--force")
+    assert result.exit_code == 1, result.output
+    assert all(c.llen("celery") == 1 for c in clients(urls))
