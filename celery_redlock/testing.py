@@ -72,16 +72,37 @@ def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
     """Point ``app``'s ``redlock_servers`` at ``count`` fakeredis nodes for the block.
 
     Yields the fake clients (inspect them, or pre-set a key to play another
-    holder). The previous configuration is restored afterwards.
+    holder). A task whose class sets its own ``redlock_servers`` (or
+    ``redlock_version_check``) uses the fakes too. The previous configuration
+    is restored afterwards: a setting the app did not have is removed again,
+    not left set to None.
     """
     servers = fake_servers(count)
-    saved = {name: app.conf.get(name) for name in ("redlock_servers", "redlock_version_check")}
-    app.conf.update(redlock_servers=servers, redlock_version_check=False)
+    fake = {"redlock_servers": servers, "redlock_version_check": False}
+    app.conf.get("redlock_servers")  # loads a configuration still pending
+    changes = app.conf.changes
+    saved = {name: changes[name] for name in fake if name in changes}
+    overridden: list[tuple[type, str, Any]] = []
+    for task in app.tasks.values():
+        if getattr(task, "__redlock_task__", False):
+            cls = type(task)
+            for name, value in fake.items():
+                if name in vars(cls):  # the task's own attribute wins over app.conf
+                    overridden.append((cls, name, vars(cls)[name]))
+                    setattr(cls, name, value)
+    app.conf.update(fake)
     reset_settings(app)
     try:
         yield servers
     finally:
-        app.conf.update(saved)
+        changes = app.conf.changes
+        for name in fake:
+            if name in saved:
+                changes[name] = saved[name]
+            else:
+                changes.pop(name, None)
+        for cls, name, value in overridden:
+            setattr(cls, name, value)
         reset_settings(app)
         forget_managers()
 

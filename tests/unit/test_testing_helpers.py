@@ -298,3 +298,20 @@ def test_the_helpers_import_and_work_without_pytest() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_fake_redlock_covers_a_task_with_its_own_servers_and_restores_exactly() -> None:
+    """A task naming its own redlock_servers locks on the fakes inside the block
+    too; afterwards its attribute is back, and a setting the app did not have is
+    gone again (not left set to None, which would shadow a later source)."""
+    app = new_app()
+    work, holders = counting_task(app, redlock_servers=CONFIGURED)
+    assert "redlock_servers" not in app.conf.changes
+    with fake_redlock(app) as fakes:
+        assert work.apply((1,)).get() == 1
+        assert len(holders) == 1
+        assert holders[0] is not None  # held on the fakes while the body ran
+        assert work.redlock_settings.servers == tuple(fakes)
+    assert type(app.tasks[work.name]).redlock_servers == CONFIGURED
+    assert "redlock_servers" not in app.conf.changes
+    assert "redlock_version_check" not in app.conf.changes
