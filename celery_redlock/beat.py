@@ -132,7 +132,8 @@ def _due_ms(entry: Any) -> int | None:
         else:
             now = sched.now()
             due = now + sched.remaining_estimate(last)
-        return round(due.timestamp() * 1000)
+        ms: float = due.timestamp() * 1000
+        return round(ms)
     except Exception:  # a custom schedule: no mark, sent as Celery would
         return None
 
