@@ -133,7 +133,9 @@ class Renewer:
         self._ensure_own()
         with self._cond:
             self._push(self.clock() + every, item)
-            if self._thread is None or not self._thread.is_alive():
+            if self._stopping or self._thread is None or not self._thread.is_alive():
+                # (A thread a stop() did not wait out, still in a renewal, sees it is
+                # no longer the current one and ends after it.)
                 self._stopping = False
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
@@ -147,7 +149,7 @@ class Renewer:
         first = self._queue[0][0] if self._queue else None
         heapq.heappush(self._queue, (due, next(self._seq), item))
         if first is None or due < first:
-            self._cond.notify()
+            self._cond.notify_all()  # the current thread, and any old one still to end
 
     def cancel(self, item: Watch) -> None:
         """Stop renewing ``item`` (same as ``item.cancel()``)."""
@@ -163,7 +165,7 @@ class Renewer:
         with self._cond:
             self._stopping = True
             self._queue.clear()
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -180,7 +182,7 @@ class Renewer:
         handled in one wake-up.
         """
         with self._cond:
-            while not self._stopping:
+            while not self._stopping and self._thread is threading.current_thread():
                 if not self._queue:
                     self._cond.wait()
                     continue

@@ -290,3 +290,34 @@ def test_a_watch_whose_renewal_fails_unexpectedly_is_reported_lost(renewer: Rene
     assert event.wait(2)
     assert seen == [watch]
     assert watch.lost
+
+
+def test_a_watch_after_a_stop_that_did_not_wait_out_the_thread_is_renewed() -> None:
+    """stop() gave up waiting for a thread stuck in a renewal: a watch made after is
+    renewed by a new thread, and the old one ends once its renewal returns."""
+    gate = threading.Event()
+    in_flight = threading.Event()
+
+    class StuckManager(FakeManager):
+        def extend(self, lock: Lock, ttl: float, *, strict: bool = False) -> bool:
+            in_flight.set()
+            gate.wait(5)
+            return super().extend(lock, ttl, strict=strict)
+
+    renewer = Renewer(name="test-renewer-stuck")
+    try:
+        renewer.watch(held(StuckManager(), 1.0), 1.0, interval=0.01)
+        assert in_flight.wait(2)
+        old = renewer._thread
+        renewer.stop(timeout=0.05)  # gives up: the thread is in the renewal
+        assert old is not None
+        assert old.is_alive()
+        manager = FakeManager()
+        renewer.watch(held(manager, 0.3), 0.3, interval=0.02)
+        assert manager.called.wait(2)  # renewed while the old thread is still stuck
+        gate.set()
+        old.join(2)
+        assert not old.is_alive()
+    finally:
+        gate.set()
+        renewer.stop()
