@@ -19,7 +19,6 @@ __all__ = [
     "EXTEND",
     "FENCE_WRITE",
     "INSPECT",
-    "RAISE_MARK",
     "REASSIGN",
     "RELEASE",
     "RELEASE_OWNED",
@@ -152,13 +151,3 @@ EXTEND = Script(
 # KEYS[1] the lock key.
 # Returns {token or nil, remaining TTL in ms (-2 when absent, -1 when no TTL)}.
 INSPECT = Script(b"return {redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}")
-
-# KEYS[1] a mark key; ARGV[1] an integer; ARGV[2] the mark's TTL in ms.
-# Sets the key to ARGV[1] when it is absent or holds a lower integer (a
-# high-water mark: the due time a periodic task was last sent for).
-# Returns 1 when set, 0 when the key already holds ARGV[1] or more.
-RAISE_MARK = Script(
-    b"local v = tonumber(redis.call('get', KEYS[1]) or '') "
-    b"if v and v >= tonumber(ARGV[1]) then return 0 end "
-    b"redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1"
-)

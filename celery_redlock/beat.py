@@ -25,20 +25,24 @@ send, stops sending at once and goes back to standby: it never crashes and
 never sends without the lock. On a clean shutdown it releases the lock, so a
 standby takes over at its next poll.
 
-Each send is also marked: before it sends an entry, the leader raises the
-entry's mark (``{lock key}:sent:{entry name}``, on the lock nodes, for
-30 days) to the due time the send is for, and sends only when a quorum took
-it. A new leader whose schedule is behind the old one's (a standby that did
-not tick, a clock behind) finds that due time marked and skips it, with a
-WARNING: a due time is sent once however leadership moves. When too few
-nodes answer, the entry is skipped too (a missed run, never a double one).
+Limits, at a change of leader (the lock itself is never held by two):
 
-A limit: each instance keeps its own phase for an interval schedule
-(``"schedule": 10.0``), counted from when it started. A new leader never
-sends a due time at or before the last one sent, but its next one can come
-sooner than one interval after the old leader's last send. For a job that
-must run at most once per period, make it a ``RedlockTask`` with
-``redlock_hold``.
+- each instance keeps its own phase for an interval schedule (``"schedule":
+  10.0``), counted from when it started. After a SIGKILL the gap is at
+  least the TTL anyway, but at a clean hand-over the new leader's first
+  send can come sooner than one interval after the old leader's last;
+- a crontab schedule has the same due times on every instance, but each
+  reads its own clock: at a clean hand-over (the lock released, a standby
+  leading within a poll) a due time the old leader had just sent can be
+  sent again by a new leader whose clock is behind by more than the gap;
+- with ``redlock_standby_ticks = False`` a standby does not tick, and a
+  scheduler that caches its entries in memory (django-celery-beat reads
+  them once) still has the entries as it read them when it takes over:
+  whatever the old leader sent since then is due again for it.
+
+For a job that must run at most once per period whatever the beats do, make
+it a ``RedlockTask`` with ``redlock_hold`` (a period, or a little less): a
+second send inside the hold is a duplicate and does not run.
 
 :class:`RedlockSchedulerMixin` wraps any scheduler class::
 
@@ -65,9 +69,6 @@ from .redlock import Lock, Redlock
 __all__ = ["BEAT_DEFAULTS", "RedlockScheduler", "RedlockSchedulerMixin"]
 
 logger = logging.getLogger(__name__)
-
-#: Seconds a periodic task's "sent for due time" mark lives after its last send.
-SENT_MARK_TTL = 30 * 24 * 3600.0
 
 #: The beat settings (read from ``app.conf``) and their defaults.
 BEAT_DEFAULTS: dict[str, Any] = {
@@ -101,41 +102,6 @@ def _seconds(scheduler: object, app: Any, name: str) -> float:
             f"(default {BEAT_DEFAULTS[name]}), not {value!r}"
         )
     return float(value)
-
-
-def _due_ms(entry: Any) -> int | None:
-    """The due time (ms since the epoch) a send of ``entry`` is for: the first time
-    its schedule fires after its ``last_run_at``. None for a schedule that
-    cannot tell (a custom one without ``remaining_estimate``).
-
-    Computed from the schedule alone, with one reading of the clock, so every
-    beat with the same ``last_run_at`` gets the same value (a crontab's due
-    times are whole minutes, the same on every beat).
-    """
-    from celery.schedules import crontab, schedule
-    from celery.utils.time import remaining
-
-    sched = getattr(entry, "schedule", None)
-    last = getattr(entry, "last_run_at", None)
-    if sched is None or last is None:
-        return None
-    try:
-        if isinstance(sched, crontab):
-            start, delta, now = sched.remaining_delta(last)
-            due = now + remaining(start, delta, now)
-        elif isinstance(sched, schedule) and type(sched).remaining_estimate is (
-            schedule.remaining_estimate
-        ):
-            now = sched.maybe_make_aware(sched.now())
-            rem = remaining(sched.maybe_make_aware(last), sched.run_every, now, sched.relative)
-            due = now + rem
-        else:
-            now = sched.now()
-            due = now + sched.remaining_estimate(last)
-        ms: float = due.timestamp() * 1000
-        return round(ms)
-    except Exception:  # a custom schedule: no mark, sent as Celery would
-        return None
 
 
 def _app_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -332,35 +298,14 @@ class RedlockSchedulerMixin:
         if self._standby_tick:
             logger.debug("beat: standby, not sending %s", getattr(entry, "name", entry))
             return
-        name = getattr(entry, "name", entry)
         if not self.is_leader:
-            logger.warning("beat: not sending %s: the leader lock's validity ran out first", name)
+            logger.warning(
+                "beat: not sending %s: the leader lock's validity ran out first",
+                getattr(entry, "name", entry),
+            )
             self._step_down("the leader lock's validity ran out before a send")
             return
-        due = _due_ms(entry)
-        if due is not None and not self._claim(str(name), due):
-            return
         super().apply_entry(entry, producer=producer)  # type: ignore[misc]
-
-    def _claim(self, name: str, due: int) -> bool:
-        """Mark ``name`` sent for due time ``due`` on a quorum; False when it was
-        already (a previous leader sent it: a standby's stale schedule, or its
-        clock behind) or too few nodes answered."""
-        mark = f"{self._key}:sent:{name}"
-        try:
-            claimed = self.redlock.raise_mark(mark, due, SENT_MARK_TTL)
-        except RedlockError as exc:
-            logger.warning("beat: not sending %s: its sent mark %s failed: %s", name, mark, exc)
-            return False
-        if not claimed:
-            logger.warning(
-                "beat: not sending %s due at %s: sent for that time already by a "
-                "previous leader, or too few nodes answered (mark %s)",
-                name,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(due / 1000)) + " UTC",
-                mark,
-            )
-        return claimed
 
     def close(self) -> None:
         """Release the leader lock (a standby takes over at once), then close."""

@@ -32,9 +32,6 @@ from .redlock import FENCE_SUFFIX, Redlock
 
 __all__ = ["redlock"]
 
-#: A beat entry's sent mark (``{beat lock key}:sent:{entry}``): not a lock.
-_BEAT_MARK = re.compile(r"beat:.*:sent:")
-
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
 #: seconds the command waits for one node
 ADMIN_TIMEOUT = 2.0
@@ -145,7 +142,7 @@ def _scan(manager: Redlock, prefix: str) -> tuple[list[str], list[str]]:
         try:
             for raw in client.scan_iter(match=pattern, count=1000):
                 key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if not key.endswith(FENCE_SUFFIX) and not _BEAT_MARK.search(key):
+                if not key.endswith(FENCE_SUFFIX):
                     keys.add(key)
         except Exception:
             down.append(node.name)

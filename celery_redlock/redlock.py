@@ -818,23 +818,6 @@ class Redlock:
         lock.expires_at = start + ttl - (self.drift_factor * ttl + DRIFT_CONSTANT)
         return True
 
-    def raise_mark(self, key: str, value: int, ttl: float) -> bool:
-        """Raise the integer mark ``key`` to ``value`` where it is absent or lower.
-
-        True when a quorum of nodes took ``value`` (so no later call can raise
-        the mark to ``value`` again: two quorums share a node); False when a
-        node holds ``value`` or more on too many nodes, or too few answered.
-        Each node's mark expires ``ttl`` seconds after it was last raised. The
-        beat scheduler marks each periodic task's due time with it, so a due
-        time is sent once however leadership moves.
-        """
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RedlockConfigError(f"a mark is an int, not {value!r}")
-        replies = self._fanout.script(
-            _scripts.RAISE_MARK, (_resource(key).encode(),), (value, _ttl_ms(ttl))
-        )
-        return sum(1 for r in replies if _is_one(r)) >= self.quorum
-
     def inspect(self, resource: str) -> LockInfo:
         """Read who holds ``resource`` on each node, and for how long."""
         resource = _resource(resource)

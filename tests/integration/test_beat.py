@@ -211,36 +211,6 @@ def test_a_failed_renewal_with_validity_left_is_retried_and_the_leader_stays(
     assert spy_a.since(failures[0] + 0.1)  # and it kept sending
 
 
-@pytest.mark.parametrize("kind", ["crontab", "interval"])
-def test_a_due_time_a_previous_leader_sent_is_not_sent_again_by_the_next(
-    redis_urls: list[str],
-    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
-    kind: str,
-) -> None:
-    """The new leader's schedule is behind the old leader's (a standby that did not
-    tick, a clock behind): the due time its entry is at was sent already, and is
-    not sent again; the next due time is."""
-    from datetime import timedelta
-
-    from celery.schedules import crontab
-
-    every: Any = crontab() if kind == "crontab" else 60.0
-    app = make_app(redis_urls[:3], beat_schedule={"job": {"task": TASK, "schedule": every}})
-    (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
-    behind = app.now() - timedelta(minutes=3)
-    for scheduler in (a, b):
-        scheduler.schedule["job"].last_run_at = behind  # the same state on both
-    drive([a], 0.3)  # a leads, and sends the job for the due time after ``behind``
-    assert a.is_leader
-    assert [name for _, name in spy_a.sends] == ["job"]
-    a.close()
-    drive([b], 0.5)  # b leads; its entry is still at ``behind``: the same due time
-    assert b.is_leader
-    assert spy_b.sends == []
-    b.apply_entry(b.schedule["job"])  # advanced by b's tick: the next due time
-    assert [name for _, name in spy_b.sends] == ["job"]
-
-
 def test_leader_paused_past_its_ttl_does_not_send_when_it_wakes(
     redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
 ) -> None:

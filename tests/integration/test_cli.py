@@ -360,19 +360,3 @@ def test_release_force_leaves_a_key_that_is_not_a_lock(
     result = cli(urls, "release", "celery", "--force")
     assert result.exit_code == 1, result.output
     assert all(c.llen("celery") == 1 for c in clients(urls))
-
-
-def test_list_and_clear_leave_beat_sent_marks_alone(
-    cli: Run, three: tuple[list[str], Redlock]
-) -> None:
-    """A beat entry's sent mark is no lock: not listed, not cleared (clearing it
-    would let a stale beat send a due time again)."""
-    urls, manager = three
-    manager.acquire(TASK_KEY, 30, "task-id-1")
-    mark = "redlock:beat:proj:sent:nightly-report"
-    assert manager.raise_mark(mark, 1764230400000, 60)
-    listed = json.loads(cli(urls, "list", "--json").stdout)["locks"]
-    assert [row["key"] for row in listed] == [TASK_KEY]
-    cleared = cli(urls, "clear", "--force", "--json")
-    assert json.loads(cleared.stdout)["cleared"] == [TASK_KEY]
-    assert all(c.get(mark) == b"1764230400000" for c in clients(urls))

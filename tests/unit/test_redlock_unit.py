@@ -1105,20 +1105,3 @@ def test_a_failed_fenced_takeover_gives_the_reservation_back(
     with pytest.raises(LockNotAcquired):
         rl.acquire("r", 10, "tid|run", fencing=True, takeover="tid")
     assert values(clients, "r") == ["tid", "tid", "other", "other", "other"]
-
-
-def test_raise_mark_takes_a_higher_value_only_once_on_a_quorum(
-    make: Make, clients: list[Any]
-) -> None:
-    rl = make()
-    assert rl.raise_mark("m", 5, 60) is True
-    assert rl.raise_mark("m", 5, 60) is False  # the same value: taken already
-    assert rl.raise_mark("m", 3, 60) is False  # lower
-    hold(clients, "m", "9", [0, 1])  # two of five nodes hold a higher mark
-    assert rl.raise_mark("m", 7, 60) is True  # three of five took it
-    hold(clients, "m", "9", [2])
-    assert rl.raise_mark("m", 8, 60) is False  # now only two could
-    assert [c.get("m") for c in clients] == [b"9", b"9", b"9", b"8", b"8"]
-    assert 0 < clients[3].pttl("m") <= 60_000
-    with pytest.raises(RedlockConfigError, match="a mark is an int"):
-        rl.raise_mark("m", "10", 60)  # type: ignore[arg-type]
