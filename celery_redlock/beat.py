@@ -63,7 +63,7 @@ from typing import Any
 from celery.beat import PersistentScheduler
 
 from .config import get_redlock, resolve_settings
-from .exceptions import LockNotAcquired, RedlockConfigError, RedlockError
+from .exceptions import LockExtendError, LockNotAcquired, RedlockConfigError, RedlockError, Vote
 from .redlock import Lock, Redlock
 
 __all__ = ["BEAT_DEFAULTS", "RedlockScheduler", "RedlockSchedulerMixin"]
@@ -224,13 +224,23 @@ class RedlockSchedulerMixin:
         lock = self._leader
         if lock is None:
             return
+        taken = False  # the key is gone or another token's on too many nodes
         try:
-            renewed = self.redlock.extend(lock, self._ttl)
+            renewed = self.redlock.extend(lock, self._ttl, strict=True)
+        except LockExtendError as exc:
+            renewed = False
+            manager = self.redlock
+            held = sum(1 for v in exc.votes if v.vote is Vote.HELD)
+            taken = held > len(manager.nodes) - manager.quorum
         except RedlockError as exc:
             logger.error("beat: renewing the leader lock failed: %s", exc)
             renewed = False
         if renewed:
             self._next_renew = time.monotonic() + self._ttl / 3
+        elif taken:
+            # Deleted (celery redlock release, a flush) or taken by another beat: a
+            # standby may lead already, so stop sending now.
+            self._step_down("the leader lock is no longer this beat's on a quorum")
         elif self.is_leader and lock.remaining is not None:
             # Still valid beyond the send margin (one slow or failed node): try again
             # soon rather than give up a lock a standby would have to wait out.

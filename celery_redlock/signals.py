@@ -26,7 +26,9 @@ arguments::
   ``held_for`` is None when released by the main worker process (which did
   not take the lock).
 - :data:`lock_lost` (``held_for``): the renewer could not keep the lock; the
-  body may be running without it. ``task.redlock_lost`` is then true.
+  body may be running without it. ``task.redlock_lost`` is then true. Sent
+  from the process's renewer thread, before the run's end can go on: keep a
+  receiver quick, and never have it wait for the task's own thread.
 
 Handlers connected on Celery's signals (each with a ``dispatch_uid``):
 

@@ -152,6 +152,27 @@ def test_leader_steps_down_when_its_key_is_deleted_and_another_beat_leads(
     assert manager.holder(a.redlock_beat_lock_key) == b.redlock_beat_token
 
 
+def test_a_renewal_finding_the_key_taken_steps_down_at_once(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """The key deleted and taken by another token (celery redlock release, then a
+    standby): the leader's next renewal says so on a quorum, and it stops sending
+    then, not when its lock's validity runs out."""
+    app = make_app(redis_urls[:3])
+    a, spy_a = schedulers(app)
+    drive([a], 0.3)
+    assert a.is_leader
+    manager = get_redlock(resolve_settings(app))
+    manager.force_release(a.redlock_beat_lock_key)
+    assert manager.lock(a.redlock_beat_lock_key, 30, value="another-beat") is not None
+    a._next_renew = 0.0  # renew at the next tick
+    a.tick()
+    assert a._leader is None
+    sent = len(spy_a.sends)
+    drive([a], 0.5)
+    assert len(spy_a.sends) == sent
+
+
 def test_leader_cut_off_from_a_majority_steps_down_and_does_not_send(
     fresh_nodes: Callable[..., list[RedisServer]],
     schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
