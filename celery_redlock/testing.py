@@ -67,6 +67,9 @@ def reset_settings(app: Any) -> None:
             type(task)._redlock_resolved = None
 
 
+_ABSENT = object()
+
+
 @contextmanager
 def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
     """Point ``app``'s ``redlock_servers`` at ``count`` fakeredis nodes for the block.
@@ -82,13 +85,16 @@ def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
     app.conf.get("redlock_servers")  # loads a configuration still pending
     changes = app.conf.changes
     saved = {name: changes[name] for name in fake if name in changes}
-    overridden: list[tuple[type, str, Any]] = []
+    overridden: list[tuple[type, str, Any]] = []  # (class, name, its own value or _ABSENT)
     for task in app.tasks.values():
         if getattr(task, "__redlock_task__", False):
             cls = type(task)
             for name, value in fake.items():
-                if name in vars(cls):  # the task's own attribute wins over app.conf
-                    overridden.append((cls, name, vars(cls)[name]))
+                # A task's attribute (its own or a base's) wins over app.conf.
+                if getattr(cls, name, None) is not None and (cls, name) not in {
+                    (c, n) for c, n, _ in overridden
+                }:
+                    overridden.append((cls, name, vars(cls).get(name, _ABSENT)))
                     setattr(cls, name, value)
     app.conf.update(fake)
     reset_settings(app)
@@ -101,8 +107,11 @@ def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
                 changes[name] = saved[name]
             else:
                 changes.pop(name, None)
-        for cls, name, value in overridden:
-            setattr(cls, name, value)
+        for cls, name, value in reversed(overridden):
+            if value is _ABSENT:
+                delattr(cls, name)  # inherited again from its base
+            else:
+                setattr(cls, name, value)
         reset_settings(app)
         forget_managers()
 

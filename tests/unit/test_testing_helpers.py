@@ -315,3 +315,24 @@ def test_fake_redlock_covers_a_task_with_its_own_servers_and_restores_exactly() 
     assert type(app.tasks[work.name]).redlock_servers == CONFIGURED
     assert "redlock_servers" not in app.conf.changes
     assert "redlock_version_check" not in app.conf.changes
+
+
+def test_fake_redlock_covers_servers_a_task_inherits_from_its_base() -> None:
+    """``base=MyLocked`` where MyLocked sets redlock_servers: the task uses the fakes
+    in the block, and inherits its base's servers again after it."""
+    app = new_app()
+
+    class MyLocked(RedlockTask):  # type: ignore[misc]
+        redlock_servers = CONFIGURED
+
+    @app.task(base=MyLocked, shared=False)
+    def work(n: int) -> int:
+        return n
+
+    cls = type(app.tasks[work.name])
+    with fake_redlock(app) as fakes:
+        assert work.apply((1,)).get() == 1
+        assert work.redlock_settings.servers == tuple(fakes)
+    assert "redlock_servers" not in vars(cls)
+    assert cls.redlock_servers == CONFIGURED
+    assert MyLocked.redlock_servers == CONFIGURED
