@@ -115,7 +115,7 @@ class Node:
         kw = dict(self.connection_kwargs)
         if kw.get("path"):
             return (kw["path"], None, None)
-        return (None, kw.get("host"), kw.get("port") or 6379)  # "redis://h" is port 6379
+        return (None, kw.get("host"), kw.get("port") or DEFAULT_PORT)  # "redis://h": 6379
 
     def connect(self, timeout: float) -> Conn:
         """A new, not yet connected, connection with ``timeout`` for connect and reads."""

@@ -759,10 +759,13 @@ class RedlockTask(Task):  # type: ignore[misc]
         settings = self.redlock_settings
         key_args, key_kwargs = args, kwargs
         dump = getattr(self, "_dump_pydantic_arguments", None)  # pydantic=True (Celery 5.5+)
-        serializer = dict(self._get_exec_options(), **options).get("serializer")
+        keyed_by = settings.key if callable(settings.key) else None
+        serializer = None
+        if dump is not None or keyed_by is not None:
+            serializer = options.get("serializer") or self._get_exec_options().get("serializer")
         if dump is not None and serializer != "pickle":
             key_args, key_kwargs = dump(args, kwargs)  # as the worker will receive them
-        if callable(settings.key) and serializer in (None, "json"):
+        if keyed_by is not None and serializer in (None, "json"):
             # A key function sees the arguments as the worker will (lists for tuples,
             # str dict keys), so the run computes the key the publish lock is under.
             sent = json_dumps([list(key_args or ()), dict(key_kwargs or {})])  # type: ignore[no-untyped-call]

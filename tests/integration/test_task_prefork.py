@@ -217,17 +217,23 @@ def test_200_duplicates_never_overlap_and_leave_no_key(
 # The whole worker SIGKILLed
 
 
+def own_queue(redis_setup: Setup) -> Setup:
+    """The same broker, backend and lock nodes, and a queue of its own: for a worker
+    a test stops, apart from the module's pair."""
+    env = redis_setup.env
+    return make_setup(
+        redis_setup.dir,
+        env["REDLOCK_TEST_BROKER"],
+        env["REDLOCK_TEST_BACKEND"],
+        env["REDLOCK_TEST_SERVERS"].split(","),
+        f"redlock-test-{uuid.uuid4().hex[:8]}",
+    )
+
+
 def test_after_the_whole_worker_is_sigkilled_the_lock_is_gone_within_its_ttl(
     redis_setup: Setup, rl: Redlock, redis_urls: list[str]
 ) -> None:
-    queue = f"redlock-test-{uuid.uuid4().hex[:8]}"
-    setup = make_setup(
-        redis_setup.dir,
-        redis_setup.env["REDLOCK_TEST_BROKER"],
-        redis_setup.env["REDLOCK_TEST_BACKEND"],
-        redis_setup.env["REDLOCK_TEST_SERVERS"].split(","),
-        queue,
-    )
+    setup = own_queue(redis_setup)
     worker = Worker("doomed", setup.env, 2, setup.dir).start()
     try:
         task = setup.task("short_sleeper")  # redlock_ttl = 3 s, renewed every second
@@ -249,14 +255,7 @@ def test_a_cold_shutdown_cancelling_the_running_task_releases_its_lock(
     """SIGQUIT: Celery cancels the running task (no task_revoked is sent; its child
     is sent SIGTERM): the run's lock is freed as the run ends, not by the 30 s TTL,
     and the worker exits."""
-    queue = f"redlock-test-{uuid.uuid4().hex[:8]}"
-    setup = make_setup(
-        redis_setup.dir,
-        redis_setup.env["REDLOCK_TEST_BROKER"],
-        redis_setup.env["REDLOCK_TEST_BACKEND"],
-        redis_setup.env["REDLOCK_TEST_SERVERS"].split(","),
-        queue,
-    )
+    setup = own_queue(redis_setup)
     worker = Worker("cold", setup.env, 2, setup.dir).start()
     try:
         sleeper = setup.task("sleeper")
