@@ -202,6 +202,16 @@ def parse_server(spec: object) -> Node:
             )
         if scheme != "unix" and not kwargs.get("host"):
             raise RedlockConfigError(f"server {redact(text)!r} has no host name")
+        reqs = kwargs.get("ssl_cert_reqs")
+        if isinstance(reqs, str):
+            # kombu's spelling (the broker URL Celery's docs show) as redis-py's
+            name = reqs.lower().removeprefix("cert_")
+            if name not in ("none", "optional", "required"):
+                raise RedlockConfigError(
+                    f"server {redact(text)!r} has ssl_cert_reqs={reqs!r}; use required, "
+                    "optional or none (or CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE)"
+                )
+            kwargs["ssl_cert_reqs"] = name
         path = text.split("://", 1)[1].partition("?")[0].partition("/")[2]
         if scheme != "unix" and path and not path.isdigit():
             raise RedlockConfigError(

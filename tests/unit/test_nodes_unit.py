@@ -563,3 +563,19 @@ def test_waiting_for_an_owed_reply_works_on_a_descriptor_above_1023(
         a.close()
         b.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(
+    ("given", "taken"),
+    [("CERT_REQUIRED", "required"), ("cert_none", "none"), ("optional", "optional")],
+)
+def test_kombu_s_ssl_cert_reqs_spelling_is_taken_as_redis_py_s(given: str, taken: str) -> None:
+    """A broker URL as Celery's docs write it (``?ssl_cert_reqs=CERT_REQUIRED``), taken as
+    the lock server when redlock_servers is unset, must connect, not fail every time."""
+    node = parse_server(f"rediss://:pw@h:6380/0?ssl_cert_reqs={given}")
+    assert kwargs_of(node)["ssl_cert_reqs"] == taken
+
+
+def test_an_unknown_ssl_cert_reqs_is_refused_naming_it() -> None:
+    with pytest.raises(RedlockConfigError, match="ssl_cert_reqs='CERT_MAYBE'"):
+        parse_server("rediss://:pw@h:6380/0?ssl_cert_reqs=CERT_MAYBE")
