@@ -44,6 +44,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
+from urllib.parse import quote
 from typing import Any
 
 from . import _process
@@ -252,6 +253,29 @@ def validate_value(
     return _validate(name, value, where, func)
 
 
+#: broker_use_ssl's keys that a rediss:// lock server takes as URL options.
+_SSL_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_ca_path")
+
+
+def _with_broker_ssl(url: str, use_ssl: object) -> str:
+    """``url`` with the TLS files and checks of ``broker_use_ssl`` as URL options
+    (those the URL does not give itself), as kombu connects to the broker."""
+    if not isinstance(use_ssl, Mapping):
+        return url
+    given = {part.split("=", 1)[0] for part in url.partition("?")[2].split("&") if part}
+    extra = []
+    for name in _SSL_OPTIONS:
+        value = use_ssl.get(name)
+        if value is None or name in given:
+            continue
+        if name == "ssl_cert_reqs" and not isinstance(value, str):
+            value = {0: "none", 1: "optional", 2: "required"}.get(int(value), value)
+        extra.append(f"{name}={quote(str(value), safe='')}")
+    if not extra:
+        return url
+    return url + ("&" if "?" in url else "?") + "&".join(extra)
+
+
 def _broker_servers(app: Any) -> tuple[Any, ...]:
     # The properties, as kombu connects with them: CELERY_BROKER_WRITE_URL and
     # CELERY_BROKER_URL in the environment come first.
@@ -261,7 +285,10 @@ def _broker_servers(app: Any) -> tuple[Any, ...]:
         url = url[0] if url else None
     if isinstance(url, str):
         first = url.split(";")[0].strip()
-        if first.split("://", 1)[0].lower() in ("redis", "rediss"):
+        scheme = first.split("://", 1)[0].lower()
+        if scheme == "rediss":
+            return (_with_broker_ssl(first, conf.get("broker_use_ssl")),)
+        if scheme == "redis":
             return (first,)
     shown = redact(str(url)) if url else "not set"
     raise RedlockConfigError(

@@ -101,6 +101,31 @@ def test_servers_default_to_the_broker_celery_connects_to_from_the_environment(
     assert resolve_settings(app).servers == ("redis://writer:6379/4",)
 
 
+def test_a_tls_broker_s_certificates_go_with_it_to_the_default_lock_server() -> None:
+    """broker_use_ssl (CA, client certificate, checks) applies to the lock
+    connections too when the lock server is the broker's; options the URL gives
+    itself win."""
+    import ssl
+
+    from celery_redlock._nodes import parse_server
+
+    app = make_app()
+    app.conf.broker_url = "rediss://:pw@broker:6380/0"
+    app.conf.broker_use_ssl = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": "/etc/ssl/ca.pem",
+        "ssl_certfile": "/etc/ssl/client.pem",
+    }
+    (server,) = resolve_settings(app).servers
+    kwargs = dict(parse_server(server).connection_kwargs)
+    assert kwargs["ssl_cert_reqs"] == "required"
+    assert kwargs["ssl_ca_certs"] == "/etc/ssl/ca.pem"
+    assert kwargs["ssl_certfile"] == "/etc/ssl/client.pem"
+    app.conf.broker_url = "rediss://:pw@broker:6380/0?ssl_cert_reqs=none"
+    (server,) = resolve_settings(app).servers
+    assert dict(parse_server(server).connection_kwargs)["ssl_cert_reqs"] == "none"
+
+
 def test_no_servers_and_a_broker_that_is_not_redis_names_redlock_servers() -> None:
     app = make_app()
     app.conf.broker_url = "amqp://guest:secret@rabbit//"
