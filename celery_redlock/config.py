@@ -44,8 +44,8 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 from . import _process
 from ._nodes import parse_servers, redact
