@@ -701,6 +701,18 @@ def test_redis_clients_and_urls_mix(
 # auto_release across the process's life
 
 
+def run_program(program: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``program`` in a new interpreter (``python -c``) with ``args``; it must exit 0."""
+    return subprocess.run(
+        [sys.executable, "-c", program, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
 EXIT_PROGRAM = """
 import sys
 from celery_redlock import Redlock
@@ -715,14 +727,7 @@ print(held.value, flush=True)
 def test_auto_release_releases_at_interpreter_exit(
     redis_urls: list[str], clients: list[redis.Redis], auto_release: bool
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", EXIT_PROGRAM, ",".join(redis_urls), "1" if auto_release else "0"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = run_program(EXIT_PROGRAM, ",".join(redis_urls), "1" if auto_release else "0")
     token = result.stdout.strip()
     assert len(token) == 32
     assert values(clients, "at-exit") == ([None] * N if auto_release else [token] * N)
@@ -744,14 +749,7 @@ print("held" if rl.holder("forked") == held.value else "lost", flush=True)
 def test_a_forked_child_exiting_does_not_release_the_parents_locks(
     redis_urls: list[str],
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", FORK_PROGRAM, ",".join(redis_urls)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = run_program(FORK_PROGRAM, ",".join(redis_urls))
     assert result.stdout.strip() == "held"
 
 
@@ -779,14 +777,7 @@ def test_a_forked_child_closing_releases_its_own_locks_and_not_the_parents(
     """auto_release in a forked child: its close() releases the locks the child
     took and closes the child's connections; the parent's lock stays the parent's
     until the parent closes."""
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD_CLOSE_PROGRAM, ",".join(redis_urls)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = run_program(CHILD_CLOSE_PROGRAM, ",".join(redis_urls))
     assert result.stdout.split("\n")[:2] == ["0 True None", "None"], result.stderr
 
 
