@@ -700,6 +700,9 @@ class Fanout:
         self.timeout = timeout
         self._idle: list[list[_Wire]] = []
         self._health = [_Health() for _ in self.nodes]
+        #: counts close() calls: a call in flight across one closes its connections
+        #: when it ends, rather than leave them open in the idle list
+        self._closes = 0
         _FANOUTS.add(self)
 
     def _forget_connections(self) -> None:
@@ -709,6 +712,7 @@ class Fanout:
     def close(self) -> None:
         """Close every idle connection, after reading the replies they still owe
         (a forgotten script among them runs again first)."""
+        self._closes += 1
         idle, self._idle = self._idle, []
         for wires in idle:
             for wire in wires:
@@ -760,6 +764,7 @@ class Fanout:
         own reply. A node may apply a command a moment after this returns.
         Connections to test doubles are always read through.
         """
+        closes = self._closes
         try:
             wires = self._idle.pop()
         except IndexError:
@@ -835,7 +840,15 @@ class Fanout:
                 wire.close()
             raise
         finally:
-            self._idle.append(wires)
+            if self._closes == closes:
+                self._idle.append(wires)
+            else:  # close() ran meanwhile (another thread): these close too
+                for wire in wires:
+                    with contextlib.suppress(*_IO_ERRORS, _Stale):
+                        if wire.owed:
+                            for again in wire.settle():
+                                _resend(wire, again, None)
+                    wire.close()
         return replies
 
     def admin_call(self, commands: Sequence[bytes], timeout: float) -> list[list[Reply]]:

@@ -216,8 +216,12 @@ def _validate(name: str, value: object, where: str, func: Callable[..., Any] | N
             raise RedlockConfigError(f"{where} must be in [0, 0.5), not {value!r}; 0.01 is usual")
         return number
     if name == "key_prefix":
-        if not isinstance(value, str):
-            raise RedlockConfigError(f"{where} must be a str such as 'redlock:', not {value!r}")
+        if not isinstance(value, str) or not value:
+            # Empty, a lock key could be a Celery queue's name on the broker's Redis:
+            # the SET NX would find it taken, and the task be skipped for ever.
+            raise RedlockConfigError(
+                f"{where} must be a non-empty str such as 'redlock:', not {value!r}"
+            )
         return value
     if name == "key":
         check_key_spec(value, func, where)

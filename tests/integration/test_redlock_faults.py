@@ -277,3 +277,32 @@ def test_a_reconnect_and_an_owed_reply_on_stalled_nodes_cost_one_timeout_togethe
         nodes[1].resume()
         nodes[2].resume()
     assert elapsed < timeout + 0.15, f"{elapsed:.3f}s"
+
+
+def test_a_call_in_flight_across_close_closes_its_connections_when_it_ends(
+    fresh_nodes: FreshNodes,
+) -> None:
+    """close() in one thread while another thread's call waits for a reply: that
+    call's connections are closed when it ends, not left open in the idle list."""
+    import threading
+
+    (node,) = fresh_nodes(1)
+    fanout = _nodes.Fanout(_nodes.parse_servers([node.url]), timeout=5.0)
+    assert fanout.call(_nodes.pack(b"PING")) == [b"PONG"]
+    (wires,) = fanout._idle
+    node.pause()
+    replies: list[Any] = []
+    caller = threading.Thread(target=lambda: replies.extend(fanout.call(_nodes.pack(b"PING"))))
+    caller.start()
+    try:
+        deadline = time.monotonic() + 2.0
+        while fanout._idle and time.monotonic() < deadline:  # until the call took them
+            time.sleep(0.01)
+        assert not fanout._idle
+        fanout.close()
+    finally:
+        node.resume()
+    caller.join(5)
+    assert replies == [b"PONG"]
+    assert fanout._idle == []
+    assert wires[0].sock is None  # closed
