@@ -424,42 +424,36 @@ class Redlock:
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
         start = time.monotonic()
-        taken: list[int] = []  # nodes where ``takeover`` was replaced by ``token``
-        kept: list[int] = []  # nodes that already held ``token`` (re-entry): not undone
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
             args = (token, ttl_ms, takeover)
+        # codes: each node's ACQUIRE answer (1 set, 2 taken over, 3 re-armed, 0 held)
         if fencing:
             fence_key = key + FENCE_SUFFIX.encode()
             replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), args)
             read = [r for r in replies if isinstance(r, list) and len(r) == 3]
-            codes = [r[0] if isinstance(r, list) and r else None for r in replies]
-            granted = [i for i, c in enumerate(codes) if c in (1, 2, 3) and type(c) is int]
-            taken = [i for i, c in enumerate(codes) if c == 2 and type(c) is int]
-            kept = [i for i, c in enumerate(codes) if c == 3 and type(c) is int]
+            codes: list[Any] = [r[0] if isinstance(r, list) and r else None for r in replies]
         elif fresh or takeover is not None:
             # A fresh token (made here, or a run's own when taking over) is held by no
             # one yet: the plain command does (less work on each node than a script).
             replies = fanout.call(
                 pack(b"SET", key, token, b"NX", b"PX", ttl_ms), enough=self._enough_ok
             )
-            granted = [i for i, r in enumerate(replies) if r == b"OK"]
+            codes = [1 if r == b"OK" else None for r in replies]
             held = [] if takeover is None else [i for i, r in enumerate(replies) if r is None]
-            if held and len(granted) + len(held) >= self.quorum:
+            if held and codes.count(1) + len(held) >= self.quorum:
                 # Nodes holding a token: the script takes it over where it is
                 # ``takeover`` (also past a quorum, so the reservation does not linger
                 # there; a node left unread at quorum may keep it until it expires).
                 again = fanout.script(_scripts.ACQUIRE, (key,), args, targets=held)
                 for i in held:
-                    replies[i] = again[i]
-                taken = [i for i in held if again[i] == 2 and type(again[i]) is int]
-                kept = [i for i in held if again[i] == 3 and type(again[i]) is int]
-                granted += [i for i in held if _holds_it(again[i])]
+                    replies[i] = codes[i] = again[i]
         else:
             replies = fanout.script(_scripts.ACQUIRE, (key,), args, enough=self._enough_held)
-            granted = [i for i, r in enumerate(replies) if _holds_it(r)]
-            taken = [i for i, r in enumerate(replies) if r == 2 and type(r) is int]
-            kept = [i for i, r in enumerate(replies) if r == 3 and type(r) is int]
+            codes = list(replies)
+        granted = [i for i, c in enumerate(codes) if _holds_it(c)]
+        taken = [i for i, c in enumerate(codes) if c == 2 and type(c) is int]  # given back
+        kept = [i for i, c in enumerate(codes) if c == 3 and type(c) is int]  # not undone
         drift = self.drift_factor * ttl + DRIFT_CONSTANT
         elapsed = time.monotonic() - start
         fence: int | None = None
