@@ -46,6 +46,9 @@ MIN_INTERVAL = 0.01
 SLACK = 0.05
 #: Drop cancelled watches from the queue once it holds this many entries (doubling after).
 COMPACT_AT = 1024
+#: With no live watch queued, the thread sleeps for the last watch's interval (a new watch
+#: like it is due no sooner), doubling while none comes, up to this many seconds.
+IDLE_MAX = 60.0
 
 OnLost = Callable[["Watch"], object]
 
@@ -108,6 +111,14 @@ class Renewer:
         self._compact_at = COMPACT_AT
         self._thread: threading.Thread | None = None
         self._stopping = False
+        #: The time the waiting thread waits for (None: it is not waiting): a watch due
+        #: before it wakes the thread, a later one does not (the thread, woken for
+        #: the first due, handles every watch due by then, also ones pushed meanwhile).
+        self._waiting_for: float | None = None
+        #: The interval of the last watch queued.
+        self._last_interval = MIN_INTERVAL
+        #: How many times the thread woke up (tests and benchmarks read it).
+        self.wakeups = 0
 
     def _ensure_own(self) -> None:
         if self._pid != _process.pid():  # a forked child: nothing of the parent's is ours
@@ -146,9 +157,9 @@ class Renewer:
             self._queue = [entry for entry in self._queue if not entry[2].cancelled]
             heapq.heapify(self._queue)
             self._compact_at = max(COMPACT_AT, 2 * len(self._queue))
-        first = self._queue[0][0] if self._queue else None
         heapq.heappush(self._queue, (due, next(self._seq), item))
-        if first is None or due < first:
+        self._last_interval = item.interval
+        if self._waiting_for is None or due < self._waiting_for:
             self._cond.notify_all()  # the current thread, and any old one still to end
 
     def cancel(self, item: Watch) -> None:
@@ -173,27 +184,47 @@ class Renewer:
     # -- the thread ---------------------------------------------------------------
 
     def _next_due(self) -> Watch | None:
-        """Wait until a watch is due; None when stopping.
+        """Wait until a live watch is due; None when stopping.
 
-        A cancelled watch stays queued until its time (dropping it early would
-        empty the queue after every short task, and each new watch would then
-        wake the thread); the thread oversleeps a little (a tenth of the
-        interval, at most ``SLACK``) so that watches due close together are
-        handled in one wake-up.
+        A cancelled watch is dropped when it reaches the head of the queue,
+        without waiting for its time: the thread sleeps until the first live
+        watch is due (oversleeping a little, a tenth of the interval, at most
+        ``SLACK``, so that watches due close together share a wake-up). So a
+        stream of short runs, each watched and cancelled long before its
+        renewal, costs the thread about one wake-up per interval, not one per
+        run. With no live watch queued it sleeps for the last watch's interval
+        (a new watch like it is due no sooner), doubling while none comes, up to
+        ``IDLE_MAX``. A new watch due before the time the thread waits for
+        wakes it (:meth:`_push`).
         """
         with self._cond:
+            idle: float | None = None
             while not self._stopping and self._thread is threading.current_thread():
-                if not self._queue:
-                    self._cond.wait()
-                    continue
-                due, _, item = self._queue[0]
-                delay = due - self.clock()
-                if delay > 0:
-                    self._cond.wait(delay + min(SLACK, item.interval / 10))
-                    continue
-                heapq.heappop(self._queue)
-                if not item.cancelled:
-                    return item
+                queue = self._queue  # (compaction replaces the list)
+                arrived = bool(queue)
+                while queue and queue[0][2].cancelled:
+                    heapq.heappop(queue)
+                now = self.clock()
+                if queue:
+                    due, _, item = queue[0]
+                    if due <= now:
+                        heapq.heappop(queue)
+                        return item
+                    self._waiting_for = due
+                    wait = due - now + min(SLACK, item.interval / 10)
+                    idle = None
+                else:
+                    if idle is None or arrived:
+                        idle = self._last_interval
+                    else:  # nothing came while it slept
+                        idle = min(2 * idle, IDLE_MAX)
+                    wait = idle
+                    self._waiting_for = now + wait
+                try:
+                    self._cond.wait(wait)
+                finally:
+                    self._waiting_for = None
+                    self.wakeups += 1
             return None
 
     def _run(self) -> None:

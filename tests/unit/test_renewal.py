@@ -321,3 +321,26 @@ def test_a_watch_after_a_stop_that_did_not_wait_out_the_thread_is_renewed() -> N
     finally:
         gate.set()
         renewer.stop()
+
+
+def test_short_runs_watched_and_cancelled_cost_the_thread_no_wake_up_each(
+    renewer: Renewer,
+) -> None:
+    """A stream of short runs (watch, then cancel) wakes the thread about once per
+    interval, not once per run nor per cancelled watch, and a live watch among
+    them is still renewed on time."""
+    manager = FakeManager()
+    interval = 0.1
+    runs = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 0.6:
+        renewer.watch(held(manager, 1.0), 1.0, interval=interval).cancel()
+        runs += 1
+        time.sleep(0.002)
+    assert runs > 100
+    assert manager.calls == []  # every watch was cancelled before it was due
+    assert renewer.wakeups <= 0.6 / interval + 3, renewer.wakeups
+    live = renewer.watch(held(manager, 1.0), 1.0, interval=interval)
+    assert manager.called.wait(2 * interval + 0.5)
+    assert manager.calls[0] - started >= 0.6 + interval - 0.02
+    live.cancel()
