@@ -20,10 +20,12 @@ over the app's setting for a task)::
     class QuickFailover(RedlockScheduler):
         redlock_beat_ttl = 5.0
 
-A leader that cannot renew, or whose lock's validity would run out before a
-send, stops sending at once and goes back to standby: it never crashes and
-never sends without the lock. On a clean shutdown it releases the lock, so a
-standby takes over at its next poll.
+A leader whose renewal fails tries again while its lock is still valid. It
+stops sending at once and goes back to standby when a quorum says the key is
+gone or holds another beat's token, or when the lock's validity would run
+out before a send: it never crashes and never sends without a valid lock.
+On a clean shutdown it releases the lock, so a standby takes over at its
+next poll.
 
 Limits, at a change of leader (the lock itself is never held by two):
 

@@ -35,6 +35,11 @@ __all__ = ["redlock"]
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
 #: seconds the command waits for one node
 ADMIN_TIMEOUT = 2.0
+#: the columns of ``status``'s table
+_STATUS_COLUMNS = (
+    "node", "reachable", "version", "role", "rtt_ms",
+    "maxmemory_policy", "appendonly", "appendfsync",
+)  # fmt: skip
 _TASK_KEY = re.compile(r"^(?P<task>.+):(?P<digest>[0-9a-f]{64})$")
 
 
@@ -84,7 +89,10 @@ def _manager(ctx: click.Context, out: _Out) -> tuple[Redlock, Any]:
             logger=None,
         )
     except RedlockError as exc:
-        _fail(out, str(exc))
+        message = str(exc)
+        if ctx.find_root().params.get("app") is None:
+            message += "; no app was given: run it as celery -A proj redlock ..."
+        _fail(out, message)
     return manager, settings
 
 
@@ -220,6 +228,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             "role": fact.get("role"),
             "rtt_ms": rtt,
             "maxmemory_policy": fact.get("maxmemory-policy") or None,
+            "appendonly": fact.get("appendonly") or None,
             "appendfsync": fact.get("appendfsync") or None,
             "error": fact.get("error"),
         }
@@ -234,7 +243,13 @@ def status(ctx: click.Context, as_json: bool) -> None:
                 f"{node.name} has maxmemory-policy {row['maxmemory_policy']}: lock keys can "
                 "be evicted; use noeviction"
             )
-        if row["appendfsync"] not in (None, "always"):
+        if row["appendonly"] == "no":
+            warnings.append(
+                f"{node.name} has appendonly no: a restart loses every lock on it; use "
+                "appendonly yes with appendfsync always, or keep a crashed node down longer "
+                "than the longest TTL"
+            )
+        elif row["appendfsync"] not in (None, "always"):
             warnings.append(
                 f"{node.name} has appendfsync {row['appendfsync']}: after a crash it may lose "
                 "locks; use appendfsync always, or keep a crashed node down longer than the "
@@ -260,7 +275,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     else:
         _Out(False).table(
             rows,
-            ["node", "reachable", "version", "role", "rtt_ms", "maxmemory_policy", "appendfsync"],
+            _STATUS_COLUMNS,
         )
         click.echo(
             f"\nquorum: {manager.quorum} of {n}; reachable: {reachable} "

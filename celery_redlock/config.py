@@ -51,7 +51,7 @@ from . import _process
 from ._nodes import parse_servers, redact
 from .exceptions import RedlockConfigError
 from .keys import KeySpec, check_key_spec
-from .redlock import Redlock
+from .redlock import MAX_TTL, Redlock
 
 __all__ = [
     "DEFAULTS",
@@ -183,8 +183,24 @@ def _servers(where: str, value: object) -> tuple[Any, ...]:
     try:
         parse_servers(list(servers))
     except RedlockConfigError as exc:
-        raise RedlockConfigError(f"{where}: {exc}") from None
+        hint = ""
+        if any(isinstance(s, str) and "," in s for s in servers):
+            hint = (
+                "; several servers are a list of URLs, not one str with commas: "
+                "['redis://r1:6379/0', 'redis://r2:6379/0', ...] "
+                '(from an environment variable: value.split(","))'
+            )
+        raise RedlockConfigError(f"{where}: {exc}{hint}") from None
     return tuple(servers)
+
+
+def _at_most_max_ttl(where: str, seconds: float, value: object) -> float:
+    if seconds > MAX_TTL:
+        raise RedlockConfigError(
+            f"{where} must be at most {MAX_TTL:.0f} s (10 years), not {value!r}; longer "
+            "ones overflow Redis' expiry clock"
+        )
+    return seconds
 
 
 def _validate(name: str, value: object, where: str, func: Callable[..., Any] | None) -> Any:
@@ -197,10 +213,12 @@ def _validate(name: str, value: object, where: str, func: Callable[..., Any] | N
                 f"{where} must be at least {MIN_TTL} s (the drift allowance eats shorter "
                 f"ones), not {value!r}"
             )
-        return ttl
+        return _at_most_max_ttl(where, ttl, value)
     if name == "node_timeout":
         return _number(where, value, positive=True)
-    if name in ("retry_delay", "hold"):
+    if name == "hold":
+        return _at_most_max_ttl(where, _number(where, value), value)
+    if name == "retry_delay":
         return _number(where, value)
     if name == "wait":
         return None if value is None else _number(where, value)
@@ -345,8 +363,29 @@ def resolve_settings(
             else:
                 values[name] = default
             continue
-        values[name] = _validate(name, value, where, func)
+        try:
+            values[name] = _validate(name, value, where, func)
+        except RedlockConfigError as exc:
+            spelt = _as_spelt(app, full) if where == conf_where(name) else full
+            if spelt == full:
+                raise
+            # Name the setting as the user wrote it (CELERY_REDLOCK_TTL with Django).
+            raise RedlockConfigError(str(exc).replace(where, f"the setting {spelt}", 1)) from None
     return RedlockSettings(**values)
+
+
+def _as_spelt(app: Any, full: str) -> str:
+    """``full`` (``redlock_ttl``) as the app's configuration spells it under its
+    namespace (``CELERY_REDLOCK_TTL``), or ``full`` when it is not so spelt."""
+    namespace = getattr(app, "namespace", None)
+    if not namespace:
+        return full
+    wanted = f"{namespace}_{full}".lower()
+    names = list(app.conf.keys())
+    for key in names:
+        if isinstance(key, str) and key.lower() == wanted:
+            return key
+    return full
 
 
 def unknown_settings(names: Iterable[object], namespace: str | None = None) -> list[str]:

@@ -298,16 +298,17 @@ class Redlock:
         """Each node's facts, never raising: ``node``, ``reachable`` ("yes"/"no"),
         ``error``, ``auth_error`` ("yes" when the credentials were refused), and
         from INFO/CONFIG ``redis_version``, ``role``, ``maxmemory-policy``,
-        ``appendfsync`` (empty when the node does not tell)."""
+        ``appendonly``, ``appendfsync`` (empty when the node does not tell)."""
         commands = [
             pack("INFO", "server"),
             pack("INFO", "replication"),
             pack("CONFIG", "GET", "maxmemory-policy"),
+            pack("CONFIG", "GET", "appendonly"),
             pack("CONFIG", "GET", "appendfsync"),
         ]
         replies = self._fanout.admin_call(commands, max(self.node_timeout, timeout))
         facts: list[dict[str, str]] = []
-        for node, (server, replication, policy, fsync) in zip(self.nodes, replies):
+        for node, (server, replication, policy, aof, fsync) in zip(self.nodes, replies):
             if isinstance(server, BaseException) and not isinstance(server, ResponseError):
                 text = f"{type(server).__name__} {server}".upper()
                 facts.append(
@@ -324,6 +325,7 @@ class Redlock:
             if not isinstance(replication, BaseException):
                 info.update(_parse_info(replication))
             info["maxmemory-policy"] = _config_value(policy)
+            info["appendonly"] = _config_value(aof)
             info["appendfsync"] = _config_value(fsync)
             info["node"] = node.name
             info["reachable"] = "yes"

@@ -32,7 +32,9 @@ The lock's life:
   sent and an ERROR logged;
 - released as soon as the body ends, before the result is stored (so a
   caller woken by ``.get()`` finds the lock free): on success, failure,
-  ``Ignore``, ``Reject`` and ``Task.replace()``;
+  ``Ignore``, ``Reject`` and ``Task.replace()`` (a replacement by the same
+  task with the same key takes the lock over instead: it is handed to the
+  task id for ``redlock_ttl`` plus the replacement's countdown);
 - kept across ``self.retry()`` and ``autoretry_for`` (eager retries, run at
   once by ``apply()``, release it and take it again): when the retry is sent
   (before the message can reach another worker) the lock is handed to the task
@@ -136,7 +138,7 @@ from .config import (
 )
 from .exceptions import DuplicateTask, LockNotAcquired, QuorumUnavailable, RedlockConfigError
 from .keys import build_key, run_mark, run_token, task_id_of
-from .redlock import Lock, LockInfo, Redlock
+from .redlock import MAX_TTL, Lock, LockInfo, Redlock
 from .signals import lock_acquired, lock_lost, lock_released, lock_skipped
 
 __all__ = ["RedlockTask"]
@@ -652,7 +654,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         if run.lock is None or run.manager is None:
             return
         token = run.lock.value
-        if not run.manager.reassign(run.lock, run.task_id, run.settings.ttl + delay):
+        if not run.manager.reassign(run.lock, run.task_id, min(MAX_TTL, run.settings.ttl + delay)):
             # Free what is left of it (this run's token, or the task id where the swap
             # went through), so the retried run takes the key like any other; not a
             # token of another delivery of this task id that took the key meanwhile.
@@ -800,7 +802,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         delay = _seconds_until(options.get("countdown") or options.get("eta"))
         started = time.monotonic()
         manager, outcome = self._redlock_take(
-            key, task_id, settings.ttl + delay, settings, wait=not given
+            key, task_id, min(MAX_TTL, settings.ttl + delay), settings, wait=not given
         )
         if isinstance(outcome, Lock):
             assert manager is not None
@@ -808,7 +810,7 @@ class RedlockTask(Task):  # type: ignore[misc]
                 sender=self,
                 task_id=task_id,
                 key=key,
-                ttl=settings.ttl + delay,
+                ttl=min(MAX_TTL, settings.ttl + delay),
                 validity=outcome.validity,
                 waited=time.monotonic() - started,
             )

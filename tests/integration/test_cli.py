@@ -86,8 +86,28 @@ def test_status_table_shows_every_node_the_quorum_and_never_the_password(
     ]
     assert all(r[1] == "yes" and r[3] == "master" for r in table)
     assert "quorum: 2 of 3; reachable: 3 (ok)" in result.stdout
-    # The test nodes run without appendfsync always: a warning says what to do.
-    assert "use appendfsync always" in result.stdout
+    # The test nodes keep nothing on disk: a warning says what to do.
+    assert "has appendonly no: a restart loses every lock on it" in result.stdout
+    assert "use appendonly yes with appendfsync always" in result.stdout
+
+
+def test_status_warns_about_each_node_that_would_lose_locks_in_a_crash(
+    cli: Run, fresh_nodes: Callable[..., list[RedisServer]]
+) -> None:
+    """No AOF at all, and AOF without fsync on every write, are each named; a node
+    with ``appendonly yes`` and ``appendfsync always`` is not."""
+    (no_aof,) = fresh_nodes(1)
+    (lazy,) = fresh_nodes(1, extra_args=["--appendonly", "yes", "--appendfsync", "everysec"])
+    (safe,) = fresh_nodes(1, extra_args=["--appendonly", "yes", "--appendfsync", "always"])
+    result = cli([no_aof.url, lazy.url, safe.url], "status", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    persistence = [(n["appendonly"], n["appendfsync"]) for n in report["nodes"]]
+    assert persistence == [("no", "everysec"), ("yes", "everysec"), ("yes", "always")]
+    warned = [w for w in report["warnings"] if "append" in w]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith(f"{no_aof.host}:{no_aof.port} has appendonly no")
+    assert warned[1].startswith(f"{lazy.host}:{lazy.port} has appendfsync everysec")
 
 
 def test_status_json_reports_an_unreachable_node_and_a_refused_password(
@@ -360,3 +380,16 @@ def test_release_force_leaves_a_key_that_is_not_a_lock(
     result = cli(urls, "release", "celery", "--force")
     assert result.exit_code == 1, result.output
     assert all(c.llen("celery") == 1 for c in clients(urls))
+
+
+def test_a_command_run_without_an_app_says_the_app_is_missing(tmp_path: Path) -> None:
+    """``celery redlock status`` with no ``-A``: Celery's default app has no lock
+    servers, and the error says to name the app."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CELERY", "REDLOCK"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "celery", "redlock", "status"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout
+    assert "redlock_servers is not set" in done.stderr
+    assert "no app was given: run it as celery -A proj redlock ..." in done.stderr

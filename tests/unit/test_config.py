@@ -80,6 +80,27 @@ def test_django_celery_namespace_settings_are_read() -> None:
     assert (settings.servers, settings.ttl, settings.on_duplicate) == (tuple(SERVERS), 7.0, "wait")
 
 
+def test_a_bad_django_setting_is_named_as_it_is_written() -> None:
+    app = Celery("django", set_as_current=False)
+    source = types.SimpleNamespace(
+        CELERY_BROKER_URL="memory://", CELERY_REDLOCK_SERVERS=SERVERS, CELERY_REDLOCK_TTL="x"
+    )
+    app.config_from_object(source, namespace="CELERY")
+    with pytest.raises(RedlockConfigError) as caught:
+        validate_app(app)
+    expected = "the setting CELERY_REDLOCK_TTL must be a number of seconds, not 'x'"
+    assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("servers", ["redis://a:6379/0,redis://b:6379/0", "a:6379, b:6379"])
+def test_servers_given_as_one_comma_separated_str_are_told_to_be_a_list(servers: str) -> None:
+    with pytest.raises(RedlockConfigError) as caught:
+        resolve_settings(make_app(redlock_servers=servers))
+    message = str(caught.value)
+    assert message.startswith("the setting redlock_servers: ")
+    assert "several servers are a list of URLs, not one str with commas" in message
+
+
 def test_servers_default_to_a_redis_broker() -> None:
     app = make_app()
     app.conf.broker_url = "redis://:pw@broker:6379/3;redis://other:6379/0"
@@ -158,6 +179,8 @@ def test_no_servers_and_a_broker_that_is_not_redis_names_redlock_servers() -> No
         ("auto_extend", "yes", "redlock_auto_extend must be True or False"),
         ("version_check", 1, "redlock_version_check must be True or False"),
         ("hold", -5, "redlock_hold must be a finite number >= 0"),
+        ("ttl", 1e12, "redlock_ttl must be at most 315360000 s (10 years)"),
+        ("hold", 4e8, "redlock_hold must be at most 315360000 s (10 years)"),
         ("wait", "forever", "redlock_wait must be a number"),
         ("servers", ["ftp://x"], "redlock_servers"),
         ("servers", [], "redlock_servers"),

@@ -896,6 +896,7 @@ def node_facts(
         f"# Server\r\nredis_version:{version}\r\n".encode(),
         f"# Replication\r\nrole:{role}\r\n".encode(),
         [b"maxmemory-policy", policy.encode()],
+        [b"appendonly", b"yes"],
         [b"appendfsync", b"everysec"],
     ]
 

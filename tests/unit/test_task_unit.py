@@ -714,3 +714,21 @@ def test_a_key_function_sees_the_arguments_as_the_worker_receives_them(
     result = work.delay((1, 2), {1: "a"})
     run_key = work.redlock_key_for(([1, 2], {"1": "a"}), {})
     assert manager(work).holder(run_key) == result.id
+
+
+def test_a_publish_lock_for_a_call_due_in_decades_is_capped_not_refused(
+    app: Celery, sent: list[str]
+) -> None:
+    """A countdown longer than the longest TTL Redis can keep: the call is sent, its
+    publish lock held for that longest TTL (10 years)."""
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    result = work.apply_async((1,), countdown=40 * 365 * 24 * 3600)
+    assert sent == [result.id]
+    info = manager(work).inspect(work.redlock_key_for((1,), {}))
+    assert info.holder == result.id
+    left = info.ttl_left
+    assert left is not None
+    assert 9.9 * 365 * 24 * 3600 < left <= 10 * 365 * 24 * 3600
