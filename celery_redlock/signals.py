@@ -40,14 +40,15 @@ of another delivery of the same message elsewhere.
 - :class:`RedlockRequest` (the worker's request class of a ``RedlockTask``,
   main worker process): release the lock of the run whose child process died
   (``WorkerLostError``: at once, before Celery fails, requeues or retries the
-  message) or hit its hard time limit (:data:`SIGNALLED_RELEASE_DELAY` later:
-  Celery reports it before the kill).
+  message) or hit its hard time limit (once that child is gone: Celery
+  reports it before the kill).
 - ``task_revoked`` (main worker process): after a terminate, release the lock
-  of any run of the task id, :data:`SIGNALLED_RELEASE_DELAY` later, so the
-  child is gone (a revoke reaches every worker, and each terminates its
-  delivery). A task revoked or expired before it ran: release what its task
-  id itself holds (a publish lock, or a hold kept for its retry), not a run of
-  another delivery of the same message.
+  of the run of the child that was signalled, once that child is gone. A
+  child that survives the signal (a handler of its own, stuck in C code)
+  still runs the body: its lock stays, renewed, and its run releases it as
+  any run does. A task revoked or expired before it ran: release what its
+  task id itself holds (a publish lock, or a hold kept for its retry), not a
+  run of another delivery of the same message.
 - ``task_failure`` (main worker process): as :class:`RedlockRequest`, for a
   task whose request class is not one (by task id: any run of the task).
 - ``task_postrun`` (the process that ran the task): a safety net; the run
@@ -60,7 +61,9 @@ of another delivery of the same message elsewhere.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -103,11 +106,16 @@ lock_lost = Signal(
     providing_args={"task_id", "key", "held_for"},
 )
 
-#: Seconds the main worker process waits before it releases the lock of a
-#: child it signalled (``revoke(terminate=True)``, hard time limit): Celery
-#: reports both as soon as the signal is sent (for a time limit, even before),
-#: and the child must be gone before another run may take the lock.
+#: Seconds between the main worker process's checks that a child it signalled
+#: (``revoke(terminate=True)``, hard time limit) is gone, before it releases
+#: that child's lock: Celery reports both as soon as the signal is sent (for a
+#: time limit, even before), and the child must be gone before another run may
+#: take the lock. (Without a known child: the one wait before the release.)
 SIGNALLED_RELEASE_DELAY = 0.5
+#: Seconds the main worker process watches for a signalled child to go: one
+#: still alive after this survived the signal and still runs (or has ended)
+#: the run, which releases its own lock.
+SIGNALLED_CHILD_WATCH = 60.0
 
 
 def _is_redlock_task(task: object) -> bool:
@@ -139,8 +147,11 @@ def _on_task_revoked(
     if not _is_redlock_task(sender) or request is None:
         return
     if terminated:
-        # The child was signalled just now: release once it is gone. By task id: a
-        # revoke reaches every worker, and each terminates its delivery of the task.
+        if request.id in _terminating:
+            return  # RedlockRequest.terminate frees the run of the very child
+        # The child was signalled just now: release once it is gone. Its pid is not
+        # known here: by task id (a revoke reaches every worker, and each
+        # terminates its delivery of the task).
         _release_later(sender, request.id, request.args, request.kwargs, "terminated")
         return
     # It never ran here: free what its task id holds (a publish lock, a retry's), not
@@ -151,6 +162,11 @@ def _on_task_revoked(
     )
 
 
+#: Ids of the tasks RedlockRequest.terminate() is terminating (the task_revoked
+#: receiver, called within it, leaves them to it).
+_terminating: set[str] = set()
+
+
 def _release_later(
     task: Any,
     task_id: str,
@@ -159,14 +175,54 @@ def _release_later(
     reason: str,
     child: int | None = None,
 ) -> None:
-    timer = threading.Timer(
-        SIGNALLED_RELEASE_DELAY,
-        task._redlock_release_by_id,
-        (task_id, args, kwargs, reason),
-        {"child": child},
-    )
-    timer.daemon = True
-    timer.start()
+    """Release the lock of the run of ``child`` (a pid) once that process is gone.
+
+    Polled every :data:`SIGNALLED_RELEASE_DELAY` seconds from a thread of its
+    own. A child still alive after :data:`SIGNALLED_CHILD_WATCH` survived the
+    signal: its run goes on under its lock (renewed) and releases it, so it
+    is left alone. ``child=None`` (not known): released by task id (any run)
+    once, :data:`SIGNALLED_RELEASE_DELAY` later.
+    """
+
+    def release_when_gone() -> None:
+        deadline = time.monotonic() + SIGNALLED_CHILD_WATCH
+        time.sleep(SIGNALLED_RELEASE_DELAY)
+        while child is not None and _alive(child):
+            if time.monotonic() >= deadline:
+                _log.info(
+                    "task %s[%s] %s: its child process %s survived the signal; the lock "
+                    "is left to its run, which releases it when it ends",
+                    getattr(task, "name", "?"),
+                    task_id,
+                    reason,
+                    child,
+                )
+                return
+            time.sleep(SIGNALLED_RELEASE_DELAY)
+        task._redlock_release_by_id(task_id, args, kwargs, reason, child=child)
+
+    thread = threading.Thread(target=release_when_gone, name="celery-redlock-release", daemon=True)
+    thread.start()
+
+
+def _alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie (dead, not yet reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass  # no /proc: ask the kernel (a zombie then counts as alive)
+    else:
+        return state not in ("Z", "X", "x")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
 
 
 def _on_task_failure(
@@ -205,7 +261,7 @@ class RedlockRequest(Request):  # type: ignore[misc]
     lock would otherwise keep the key until it expires, while duplicates
     queued before the new delivery wait for it. On a hard time limit
     (:meth:`on_timeout`, called before the child is killed) the same is
-    freed :data:`SIGNALLED_RELEASE_DELAY` later.
+    freed once that child is gone.
     """
 
     def on_failure(
@@ -227,6 +283,33 @@ class RedlockRequest(Request):  # type: ignore[misc]
         return super().on_failure(
             exc_info, send_failed_event=send_failed_event, return_ok=return_ok
         )
+
+    def terminate(self, pool: Any, signal: Any = None) -> Any:
+        """``revoke(terminate=True)``: free the run of the signalled child once it is
+        gone; a child that survives the signal still runs the body under its lock."""
+        if not self.time_start or not _is_redlock_task(self.task):
+            return super().terminate(pool, signal)  # not started: terminated on its ack
+        _terminating.add(self.id)
+        try:
+            return super().terminate(pool, signal)
+        finally:
+            _terminating.discard(self.id)
+            _release_later(
+                self.task, self.id, self.args, self.kwargs, "terminated", _child_of(self)
+            )
+
+    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> Any:
+        """A running task cancelled (cold shutdown, or the broker connection lost with
+        ``worker_cancel_long_running_tasks_on_connection_loss``): free the run of the
+        signalled child once it is gone."""
+        started = bool(self.time_start)
+        try:
+            return super().cancel(pool, signal, emit_retry=emit_retry)
+        finally:
+            if started and _is_redlock_task(self.task):
+                _release_later(
+                    self.task, self.id, self.args, self.kwargs, "cancelled", _child_of(self)
+                )
 
     def on_timeout(self, soft: bool, timeout: float) -> Any:
         if not soft and _is_redlock_task(self.task):

@@ -42,14 +42,15 @@ The lock's life:
   released when the retry changes the arguments, and so the key. (With
   ``retry(throw=False)`` the body goes on after handing its lock over.)
 - released by the main worker process (:mod:`celery_redlock.signals`), which
-  computes the key from the request and frees whatever run of the task id
-  holds it, when the task is revoked with ``terminate=True``, its message
-  expires or is revoked before it runs, its child process dies
+  computes the key from the request and frees the run of the child that ran
+  it (not another delivery's), when the task is revoked with
+  ``terminate=True`` or cancelled, its message expires or is revoked before
+  it runs (what its task id holds), its child process dies
   (``WorkerLostError``, also when ``reject_on_worker_lost`` requeues the
   message or ``retry_on_worker_lost`` retries it: the new delivery contends
   like any other), or it hits its hard time limit. A child that was signalled
-  gets half a second to die first; a terminate signal the task survives (a
-  handler of its own) frees the lock while it still runs. After the whole
+  is released once it is gone; one that survives the signal (a handler of
+  its own) still runs the body under its lock, and its run releases it. After the whole
   worker is SIGKILLed, the lock expires within ``redlock_ttl``;
 - with ``redlock_hold``, the key is left to expire ``redlock_hold`` seconds
   after it was acquired by the run, when the run ends sooner (runs ended by

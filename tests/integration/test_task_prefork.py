@@ -131,6 +131,28 @@ def test_revoke_terminate_releases_the_lock_from_the_main_process(
     assert wait_for(lambda: result.state == "REVOKED", 10)
 
 
+def test_a_child_that_survives_a_terminate_keeps_its_lock_until_its_run_ends(
+    pair: Setup, rl: Redlock, redis_urls: list[str]
+) -> None:
+    """revoke(terminate=True) with SIGTERM, which the body survives: the main process
+    does not free the lock while the child still runs the body; the run frees it."""
+    stubborn = pair.task("stubborn")
+    result = stubborn.delay("survivor", 4.0)
+    child = pair.worker_pid_of(result.id)
+    done = Path(pid_file(str(pair.dir), result.id) + ".done")
+    assert holder(rl, stubborn, "survivor", 4.0) == result.id
+    pair.app.control.revoke(result.id, terminate=True)  # SIGTERM
+    time.sleep(2.0)  # 4 x the main process's check interval
+    assert not done.exists()  # the body still runs...
+    assert _alive(child)
+    assert holder(rl, stubborn, "survivor", 4.0) == result.id  # ...under its lock
+    assert wait_for(done.exists, 10)
+    assert wait_for(lambda: holder(rl, stubborn, "survivor", 4.0) is None, 5)
+    # The pool would report the next task this child runs as terminated: replace it.
+    os.kill(child, signal.SIGKILL)
+    assert wait_for(lambda: not _alive(child), 10)
+
+
 def test_a_sigkilled_child_gets_its_lock_released_by_the_main_process(
     pair: Setup, rl: Redlock, redis_urls: list[str]
 ) -> None:

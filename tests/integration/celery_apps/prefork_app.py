@@ -60,6 +60,21 @@ def limited(self: Any, tag: str) -> None:
     time.sleep(30)
 
 
+def stubborn(self: Any, tag: str, seconds: float) -> int:
+    """Survives SIGTERM (a handler of its own) and sleeps on; leaves ``<task id>.done``
+    when its body ends."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        _announce(self)
+        time.sleep(seconds)  # resumed after the handler (PEP 475)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    done = pid_file(self.app.conf.test_dir, self.request.id) + ".done"
+    with open(done, "w") as out:
+        out.write(str(time.monotonic()))
+    return os.getpid()
+
+
 def redelivered(self: Any, tag: str, seconds: float) -> int:
     """Killed on its first delivery by the test; the redelivery re-enters the lock."""
     first = _announce(self)
@@ -81,6 +96,7 @@ TASKS: dict[str, tuple[Any, dict[str, Any]]] = {
     "sleeper": (sleeper, {}),
     "short_sleeper": (sleeper, {"redlock_ttl": 3.0}),
     "limited": (limited, {"time_limit": 1}),
+    "stubborn": (stubborn, {}),
     "redelivered": (redelivered, {"acks_late": True, "reject_on_worker_lost": True}),
     "ledger": (ledger, {}),
     "ledger_wait": (ledger, {"redlock_on_duplicate": "wait", "redlock_wait": 120}),
