@@ -116,7 +116,7 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 from celery import Task
@@ -172,7 +172,10 @@ class _Run:
 
 
 def _seconds_until(when: object) -> float:
-    """Seconds until a countdown (number) or an ETA (datetime or ISO str), at least 0."""
+    """Seconds until a countdown (number) or an ETA (datetime or ISO str), at least 0.
+
+    A naive ETA is UTC, as Celery reads it (not the host's local time).
+    """
     if when is None:
         return 0.0
     if isinstance(when, (int, float)) and not isinstance(when, bool):
@@ -183,8 +186,26 @@ def _seconds_until(when: object) -> float:
         except ValueError:
             return 0.0
     if isinstance(when, datetime):
-        return max(0.0, (when - datetime.now(when.tzinfo)).total_seconds())
+        if when.tzinfo is None:  # naive: UTC, as Celery reads it (maybe_make_aware)
+            when = when.replace(tzinfo=timezone.utc)
+        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
     return 0.0
+
+
+def _interrupted(run: _Run, *tokens: str) -> None:
+    """A run's end was interrupted (an exception from a signal handler): stop its
+    renewals and try once more to free its key where it holds ``tokens`` (the
+    run's lock, when none are given)."""
+    if run.watch is not None:
+        run.watch.cancelled = True  # a renewal still in flight cannot revive a freed key
+    if run.lock is None or run.manager is None:
+        return
+    if not tokens:
+        with contextlib.suppress(Exception):
+            run.manager.release(run.lock)
+    for token in tokens:
+        with contextlib.suppress(Exception):
+            run.manager.release(run.key, token)
 
 
 def _seconds(value: float | None) -> str:
@@ -560,7 +581,9 @@ class RedlockTask(Task):  # type: ignore[misc]
             handed = run.lock is not None and self._redlock_same_work(run, sig)
             options = getattr(sig, "options", None) or {}
             delay = _seconds_until(options.get("countdown") or options.get("eta"))
-            self._redlock_end(run, "replaced", delay=delay)
+            # hold=False: the work goes on in the replacement, whose same-key steps
+            # must not find the key held for the rest of redlock_hold.
+            self._redlock_end(run, "replaced", delay=delay, hold=False)
         try:
             return super().on_replace(sig)
         except Ignore:
@@ -588,24 +611,25 @@ class RedlockTask(Task):  # type: ignore[misc]
             self._redlock_hand_over(run, delay)
             return
         run.done = True
-        if run.watch is not None:
-            run.watch.cancel()
         lock, manager = run.lock, run.manager
-        if lock is None or manager is None:
-            return
         held_for = time.monotonic() - run.acquired_at
-        hold_left = run.settings.hold - held_for if hold else 0.0
+        hold_left = 0.0
         try:
+            if run.watch is not None:
+                run.watch.cancel()  # waits out a renewal in flight
+            if lock is None or manager is None:
+                return
+            hold_left = run.settings.hold - held_for if hold else 0.0
             if hold_left >= 0.001:
                 manager.extend(lock, hold_left)
             else:
                 hold_left = 0.0
                 manager.release(lock)
         except BaseException:
-            # Interrupted (a soft time limit firing in the release): try once more,
-            # or the key stays held until its TTL with no run behind it.
-            with contextlib.suppress(Exception):
-                manager.release(lock)
+            # Interrupted (a soft time limit firing in the cancel or the release):
+            # no renewal after this, and the release tried once more, or the key
+            # stays held (renewed, even) with no run behind it.
+            _interrupted(run)
             raise
         lock_released.send(
             sender=self,
@@ -650,12 +674,22 @@ class RedlockTask(Task):  # type: ignore[misc]
     def _redlock_hand_over(self, run: _Run, delay: float) -> None:
         """End the run's hold, leaving the lock to its task id for ``redlock_ttl + delay``."""
         run.done = True
-        if run.watch is not None:
-            run.watch.cancel()
         if run.lock is None or run.manager is None:
+            if run.watch is not None:
+                run.watch.cancel()
             return
         token = run.lock.value
-        if not run.manager.reassign(run.lock, run.task_id, min(MAX_TTL, run.settings.ttl + delay)):
+        try:
+            if run.watch is not None:
+                run.watch.cancel()
+            handed = run.manager.reassign(
+                run.lock, run.task_id, min(MAX_TTL, run.settings.ttl + delay)
+            )
+        except BaseException:
+            # Interrupted: the retry or replacement is not sent, nothing takes over.
+            _interrupted(run, token, run.task_id)
+            raise
+        if not handed:
             # Free what is left of it (this run's token, or the task id where the swap
             # went through), so the retried run takes the key like any other; not a
             # token of another delivery of this task id that took the key meanwhile.

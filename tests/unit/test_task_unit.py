@@ -3,9 +3,12 @@ registration checks, publish-time behaviour, over fakeredis nodes."""
 
 from __future__ import annotations
 
+import signal as signals_os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import celery.app.task
@@ -496,6 +499,28 @@ def test_an_eager_replacement_with_the_same_key_takes_the_lock_over(app: Celery)
     assert manager(page).holder(page.redlock_key_for((7, 0), {})) is None
 
 
+def test_a_run_replaced_by_a_chain_ends_its_hold_so_a_same_key_step_runs(app: Celery) -> None:
+    """With redlock_hold, a run replacing itself by a chain whose first step has its
+    key: that step runs (it is the replaced run's work going on, not a duplicate)."""
+    ran: list[str] = []
+
+    @app.task(shared=False)
+    def then(value: int) -> int:
+        ran.append("then")
+        return value
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_key=("x",), redlock_hold=60)
+    def step(self: Any, x: str, n: int = 0) -> int:
+        ran.append(f"step {n}")
+        if n == 0:
+            return int(self.replace(celery.chain(step.si(x, 1), then.s())))
+        return n
+
+    result = step.apply(("k",))
+    assert result.get() == 1
+    assert ran == ["step 0", "step 1", "then"]
+
+
 @pytest.fixture
 def sent(app: Celery) -> Iterator[list[str]]:
     """Publishing without a worker: Celery's apply_async, below ours, records the ids."""
@@ -732,3 +757,68 @@ def test_a_publish_lock_for_a_call_due_in_decades_is_capped_not_refused(
     left = info.ttl_left
     assert left is not None
     assert 9.9 * 365 * 24 * 3600 < left <= 10 * 365 * 24 * 3600
+
+
+@pytest.fixture
+def tokyo_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The host's local time 9 hours ahead of UTC."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_a_naive_eta_is_utc_as_celery_reads_it_not_the_host_s_local_time(
+    app: Celery, sent: list[str], tokyo_time: None
+) -> None:
+    """The publish lock of a call due in 10 minutes (a naive UTC ETA, as
+    ``datetime.utcnow()`` gives) covers those 10 minutes on a host whose local
+    time is not UTC."""
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    naive_utc = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(minutes=10)
+    work.apply_async((1,), eta=naive_utc)
+    left = manager(work).inspect(work.redlock_key_for((1,), {})).ttl_left
+    assert left is not None
+    assert 600 + 30 - 5 < left <= 600 + 30
+
+
+def test_a_soft_time_limit_landing_in_the_run_s_end_stops_renewals_and_frees_the_key(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SoftTimeLimitExceeded raised (by a signal handler, as in a prefork child)
+    while the run's end waits for a renewal in flight: the key is freed and never
+    renewed again, not kept alive by the renewer after the task ended."""
+    real_extend = Redlock.extend
+
+    def slow_extend(self: Redlock, *args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "celery-redlock-renewer":
+            time.sleep(0.3)  # a renewal in flight (a slow node)
+        return real_extend(self, *args, **kwargs)
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise celery.exceptions.SoftTimeLimitExceeded()
+
+    monkeypatch.setattr(Redlock, "extend", slow_extend)
+    previous = signals_os.signal(signals_os.SIGALRM, on_alarm)
+
+    @app.task(base=RedlockTask, shared=False, redlock_ttl=0.9)
+    def soft(x: str) -> str:
+        time.sleep(0.4)  # the renewal due at 0.3 s is in flight until about 0.6 s
+        signals_os.setitimer(signals_os.ITIMER_REAL, 0.05)  # fires in the run's end
+        return "ok"
+
+    try:
+        result = soft.apply(("k",))
+    finally:
+        signals_os.setitimer(signals_os.ITIMER_REAL, 0)
+        signals_os.signal(signals_os.SIGALRM, previous)
+    assert isinstance(result.result, celery.exceptions.SoftTimeLimitExceeded)
+    key = soft.redlock_key_for(("k",), {})
+    time.sleep(0.5)  # the renewal in flight has ended
+    assert manager(soft).holder(key) is None
+    time.sleep(1.2)  # more than the TTL: a renewer still at work would have kept it
+    assert manager(soft).holder(key) is None
