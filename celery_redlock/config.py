@@ -41,6 +41,7 @@ import functools
 import math
 import os
 import threading
+import time
 import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -49,7 +50,7 @@ from urllib.parse import quote
 
 from . import _process
 from ._nodes import parse_servers, redact
-from .exceptions import RedlockConfigError
+from .exceptions import QuorumUnavailable, RedlockConfigError
 from .keys import KeySpec, check_key_spec
 from .redlock import MAX_TTL, Redlock
 
@@ -449,7 +450,13 @@ def _mentions_redlock(names: list[Any], namespace: str | None) -> bool:
 
 # -- one Redlock per process ---------------------------------------------------
 
+#: Seconds a process answers QuorumUnavailable at once, without asking the nodes
+#: again, after a quorum did not answer the check a new Redlock makes.
+CHECK_AGAIN_AFTER = 5.0
+
 _managers: dict[tuple[Any, ...], Redlock] = {}
+#: manager key -> (until when, the QuorumUnavailable of the last failed check)
+_failures: dict[tuple[Any, ...], tuple[float, QuorumUnavailable]] = {}
 _orphans: list[Redlock] = []  # a parent's managers, kept (never closed) in a forked child
 _owner = os.getpid()
 _guard = threading.Lock()
@@ -472,14 +479,24 @@ def get_redlock(settings: RedlockSettings) -> Redlock:
             _forget_in_child()
         manager = _managers.get(key)
         if manager is None:
-            manager = Redlock(
-                list(settings.servers),
-                retry_count=settings.retry_count,
-                retry_delay=settings.retry_delay,
-                drift_factor=settings.drift_factor,
-                version_check=settings.version_check,
-                node_timeout=settings.node_timeout,
-            )
+            failed = _failures.get(key)
+            if failed is not None and time.monotonic() < failed[0]:
+                # A quorum did not answer the start-up check a moment ago: fail at once
+                # rather than make every run wait out the check's timeout again.
+                raise QuorumUnavailable(failed[1].message, failed[1].votes)
+            try:
+                manager = Redlock(
+                    list(settings.servers),
+                    retry_count=settings.retry_count,
+                    retry_delay=settings.retry_delay,
+                    drift_factor=settings.drift_factor,
+                    version_check=settings.version_check,
+                    node_timeout=settings.node_timeout,
+                )
+            except QuorumUnavailable as exc:
+                _failures[key] = (time.monotonic() + CHECK_AGAIN_AFTER, exc)
+                raise
+            _failures.pop(key, None)
             _managers[key] = manager
         return manager
 
@@ -488,6 +505,7 @@ def _forget_in_child() -> None:
     global _owner, _guard
     _orphans.extend(_managers.values())
     _managers.clear()
+    _failures.clear()
     _owner = os.getpid()
     _guard = threading.Lock()
 
@@ -497,6 +515,7 @@ def forget_managers() -> None:
     with _guard:
         managers = list(_managers.values()) if _owner == os.getpid() else []
         _managers.clear()
+        _failures.clear()
     for manager in managers:
         manager.close()
 

@@ -4,6 +4,7 @@ messages, start-up checks, and one Redlock per process (fork-safe)."""
 from __future__ import annotations
 
 import os
+import time
 import types
 from typing import Any
 
@@ -281,3 +282,38 @@ def test_a_forked_child_makes_its_own_manager(fake_settings: RedlockSettings) ->
     os.close(read)
     assert get_redlock(fake_settings) is parent
     config.forget_managers()
+
+
+def test_a_failed_start_up_check_is_answered_at_once_for_a_while_not_asked_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nodes that do not answer a new Redlock's check (stalled: each try waits out
+    the check's timeout): the runs that follow within CHECK_AGAIN_AFTER fail at
+    once; after it, the nodes are asked again."""
+    from celery_redlock.exceptions import QuorumUnavailable
+    from celery_redlock.redlock import Redlock
+
+    checks: list[bool] = []
+    answer = {"ok": False}
+
+    def check(self: Redlock) -> list[dict[str, str]]:
+        checks.append(answer["ok"])
+        if not answer["ok"]:
+            raise QuorumUnavailable("0 of 3 nodes answered, a quorum is 2", [])
+        return []
+
+    monkeypatch.setattr(Redlock, "check_servers", check)
+    monkeypatch.setattr(config, "CHECK_AGAIN_AFTER", 0.2)
+    settings = resolve_settings(make_app(redlock_servers=SERVERS))
+    try:
+        for _ in range(3):
+            with pytest.raises(QuorumUnavailable, match="0 of 3 nodes answered"):
+                get_redlock(settings)
+        assert checks == [False]
+        time.sleep(0.25)
+        answer["ok"] = True
+        manager = get_redlock(settings)
+        assert checks == [False, True]
+        assert get_redlock(settings) is manager
+    finally:
+        config.forget_managers()
