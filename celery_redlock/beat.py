@@ -207,9 +207,7 @@ class RedlockSchedulerMixin:
                     logging.WARNING, "beat: cannot reach a quorum for the leader lock: %s", exc
                 )
             else:
-                self._complain(
-                    logging.DEBUG, "beat: standby; %s is held by another beat", exc.resource
-                )
+                self._standby_note(exc.resource)
             return
         except RedlockError as exc:
             self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
@@ -256,6 +254,24 @@ class RedlockSchedulerMixin:
                 "the leader lock could not be renewed before its validity ran out "
                 "(no quorum kept it, or this process was paused)"
             )
+
+    def _standby_note(self, key: str) -> None:
+        """Say once at INFO (then at DEBUG) who leads: a beat that stays standby for
+        good (another project's beat on the same key) can be told from its log."""
+        if self._complaint == "standby":
+            logger.debug("beat: standby; %s is held by another beat", key)
+            return
+        self._complaint = "standby"
+        try:
+            holder = self.redlock.holder(key)
+        except RedlockError:
+            holder = None
+        logger.info(
+            "beat: standby; the leader lock %s is held by %s (host:pid:id); this beat "
+            "takes over when it is released or expires",
+            key,
+            holder or "another beat",
+        )
 
     def _complain(self, level: int, msg: str, *args: object) -> None:
         """Log a failure to lead; the same kind again, until it changes, only at DEBUG."""

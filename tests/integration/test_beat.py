@@ -125,6 +125,34 @@ def test_exactly_one_of_two_schedulers_leads_and_only_it_sends(
     )
 
 
+def test_a_standby_says_once_at_info_which_beat_holds_the_leader_lock(
+    redis_urls: list[str],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A beat that stays standby (another project's beat on the same key, say) can
+    be told from its log: which beat leads, named once, not at every poll."""
+    app = make_app(redis_urls[:3])
+    leader, _ = schedulers(app)
+    drive([leader], 0.3)
+    assert leader.is_leader
+    standby, _ = schedulers(app)
+    with caplog.at_level(logging.INFO, logger="celery_redlock.beat"):
+        drive([leader, standby], 1.0)  # about 5 polls
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "celery_redlock.beat"
+        and r.levelno == logging.INFO
+        and "standby" in r.getMessage()
+    ]
+    assert said == [
+        f"beat: standby; the leader lock {leader.redlock_beat_lock_key} is held by "
+        f"{leader.redlock_beat_token} (host:pid:id); this beat takes over when it is "
+        "released or expires"
+    ]
+
+
 def test_leader_steps_down_when_its_key_is_deleted_and_another_beat_leads(
     redis_urls: list[str],
     schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
