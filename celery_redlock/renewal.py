@@ -247,7 +247,9 @@ class Renewer:
         with item._busy:
             if item.cancelled:
                 return
-            if self._extend(item):
+            # Cancelled meanwhile without waiting for this renewal (a run's end cut
+            # short by a signal handler, which then freed the key): not "lost".
+            if self._extend(item) and not item.cancelled:
                 self._tell_lost(item)
 
     @staticmethod

@@ -298,13 +298,13 @@ class RedlockRequest(Request):  # type: ignore[misc]
                 self.task, self.id, self.args, self.kwargs, "terminated", _child_of(self)
             )
 
-    def cancel(self, pool: Any, signal: Any = None, emit_retry: bool = True) -> Any:
+    def cancel(self, pool: Any, signal: Any = None, **kwargs: Any) -> Any:
         """A running task cancelled (cold shutdown, or the broker connection lost with
         ``worker_cancel_long_running_tasks_on_connection_loss``): free the run of the
         signalled child once it is gone."""
         started = bool(self.time_start)
         try:
-            return super().cancel(pool, signal, emit_retry=emit_retry)
+            return super().cancel(pool, signal, **kwargs)  # emit_retry= from Celery 5.6
         finally:
             if started and _is_redlock_task(self.task):
                 _release_later(

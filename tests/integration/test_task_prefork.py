@@ -142,7 +142,8 @@ def test_a_child_that_survives_a_terminate_keeps_its_lock_until_its_run_ends(
     done = Path(pid_file(str(pair.dir), result.id) + ".done")
     assert holder(rl, stubborn, "survivor", 4.0) == result.id
     pair.app.control.revoke(result.id, terminate=True)  # SIGTERM
-    time.sleep(2.0)  # 4 x the main process's check interval
+    assert wait_for(lambda: result.state == "REVOKED", 10)  # the worker has signalled it
+    time.sleep(1.5)  # 3 x the main process's check interval
     assert not done.exists()  # the body still runs...
     assert _alive(child)
     assert holder(rl, stubborn, "survivor", 4.0) == result.id  # ...under its lock

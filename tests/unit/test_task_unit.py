@@ -21,7 +21,7 @@ from celery_redlock.config import forget_managers, get_redlock
 from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
 from celery_redlock.keys import task_id_of
 from celery_redlock.redlock import Redlock
-from celery_redlock.signals import lock_acquired, lock_released, lock_skipped
+from celery_redlock.signals import lock_acquired, lock_lost, lock_released, lock_skipped
 from celery_redlock.task import RedlockTask
 
 OTHER = "another-task-id"
@@ -803,6 +803,12 @@ def test_a_soft_time_limit_landing_in_the_run_s_end_stops_renewals_and_frees_the
         raise celery.exceptions.SoftTimeLimitExceeded()
 
     monkeypatch.setattr(Redlock, "extend", slow_extend)
+    lost: list[dict[str, Any]] = []
+
+    def record_lost(sender: Any = None, **kwargs: Any) -> None:
+        lost.append(kwargs)
+
+    lock_lost.connect(record_lost, weak=False, dispatch_uid="soft-end")
     previous = signals_os.signal(signals_os.SIGALRM, on_alarm)
 
     @app.task(base=RedlockTask, shared=False, redlock_ttl=0.9)
@@ -818,7 +824,52 @@ def test_a_soft_time_limit_landing_in_the_run_s_end_stops_renewals_and_frees_the
         signals_os.signal(signals_os.SIGALRM, previous)
     assert isinstance(result.result, celery.exceptions.SoftTimeLimitExceeded)
     key = soft.redlock_key_for(("k",), {})
-    time.sleep(0.5)  # the renewal in flight has ended
-    assert manager(soft).holder(key) is None
-    time.sleep(1.2)  # more than the TTL: a renewer still at work would have kept it
-    assert manager(soft).holder(key) is None
+    try:
+        time.sleep(0.5)  # the renewal in flight has ended
+        assert manager(soft).holder(key) is None
+        time.sleep(1.2)  # more than the TTL: a renewer still at work would have kept it
+        assert manager(soft).holder(key) is None
+    finally:
+        lock_lost.disconnect(dispatch_uid="soft-end")
+    assert lost == []  # the renewal in flight found the key freed: not a lost lock
+
+
+@pytest.mark.parametrize("celery_call", ["5.3-5.5", "5.6+"])
+def test_a_running_task_cancelled_by_the_worker_frees_its_child_s_run_once_it_is_gone(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, celery_call: str
+) -> None:
+    """Request.cancel (cold shutdown, broker connection lost): the child is signalled
+    and its run's release is scheduled by its pid, whichever way Celery calls it."""
+    from celery.contrib.testing.mocks import TaskMessage
+
+    from celery_redlock import signals
+
+    @app.task(base=RedlockTask, shared=False)
+    def work(n: int) -> int:
+        return n
+
+    signalled: list[tuple[int, int]] = []
+    scheduled: list[tuple[Any, ...]] = []
+
+    class Pool:
+        def terminate_job(self, pid: int, signum: int) -> None:
+            signalled.append((pid, signum))
+
+    monkeypatch.setattr(signals, "_release_later", lambda *args: scheduled.append(args))
+    monkeypatch.setattr(signals.RedlockRequest, "_announce_cancelled", lambda self, **kw: None)
+    request = signals.RedlockRequest(TaskMessage(work.name, "tid-1", args=(3,)), app=app, task=work)
+    request.on_accepted(4242, time.monotonic())
+    if celery_call == "5.3-5.5":  # Request.cancel(self, pool, signal=None): no emit_retry
+        from celery.worker.request import Request
+
+        newer = Request.cancel
+
+        def older(self: Any, pool: Any, signal: Any = None) -> Any:
+            return newer(self, pool, signal)
+
+        monkeypatch.setattr(Request, "cancel", older)
+        request.cancel(Pool())
+    else:
+        request.cancel(Pool(), emit_retry=False)
+    assert signalled == [(4242, signals_os.SIGTERM)]
+    assert scheduled == [(work, "tid-1", (3,), {}, "cancelled", 4242)]
