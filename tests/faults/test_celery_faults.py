@@ -34,6 +34,7 @@ own. Lock nodes: the integration tests' ``lock_servers`` (3 session nodes).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import random
@@ -969,11 +970,27 @@ def restart_broker(broker: RedisServer, down: float) -> None:
     broker.restart()
 
 
-@pytest.mark.slow  # seen once: a message held when the broker died stayed PENDING (kombu's restore)
+def never_received(tally: Tally, scene: Scene) -> tuple[list[str], list[str]]:
+    """The messages that did not end: (those no worker logged as received, the others)."""
+    logs = "".join(
+        path.read_text(errors="replace") for w in scene.workers for path in [w.log] if path.exists()
+    )
+    pending = [tid for tid, state in tally.states().items() if state not in READY_STATES]
+    taken = [tid for tid in pending if f"[{tid}] received" in logs]
+    return [tid for tid in pending if tid not in taken], taken
+
+
+@pytest.mark.slow  # seen twice: a message popped in the instant the broker died (kombu)
 def test_broker_restarted_mid_run(restartable: Scene, rl: Redlock, clean: list[str]) -> None:
     """40 runs (half acks_late) of 2 keys queued; the broker is SIGKILLed once bodies
     run, and restarted 1 s later with its AOF: the workers reconnect, every message
-    ends, no two bodies overlap."""
+    ends, no two bodies overlap.
+
+    One message may be lost with the broker, never by a lock: kombu's Redis
+    transport pops a message (BRPOP) and records it as unacknowledged in a second
+    command, so one popped in the instant the broker dies reaches no worker (the
+    README's limits). A lost message that a worker had received fails the test.
+    """
     scene = restartable
     for name in ("w1", "w2"):
         scene.start_worker(name)
@@ -987,9 +1004,17 @@ def test_broker_restarted_mid_run(restartable: Scene, rl: Redlock, clean: list[s
     for key in keys:
         next_run_goes_ahead(tally, "wait", key)
     outcome = finish(tally, rl, settle=60)
-    print(outcome.describe(), f"\n{queued} queued at the restart")
-    assert_sound(outcome, scene)
-    record(row(SCENARIO_12, outcome, 1, f"{queued} queued at the restart"), report=False)
+    unseen, received = never_received(tally, scene)
+    print(outcome.describe(), f"\n{queued} queued at the restart; lost unseen {unseen}")
+    assert received == [], f"messages a worker received were lost: {received}"
+    assert len(unseen) <= 1, f"more than the one message in flight was lost: {unseen}"
+    # Sound but for a message the broker lost before any worker saw it (the table
+    # still counts it as lost).
+    assert_sound(dataclasses.replace(outcome, published=outcome.published - len(unseen)), scene)
+    note = f"{queued} queued at the restart"
+    if unseen:
+        note += "; 1 popped in the instant the broker died, never received (kombu)"
+    record(row(SCENARIO_12, outcome, 1, note), report=False)
 
 
 def broker_restarter(scene: Scene, down: list[float]) -> Callable[[FaultInjector], None]:
