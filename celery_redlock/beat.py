@@ -24,23 +24,29 @@ A leader whose renewal fails tries again while its lock is still valid. It
 stops sending at once and goes back to standby when a quorum says the key is
 gone or holds another beat's token, or when the lock's validity would run
 out before a send: it never crashes and never sends without a valid lock.
-On a clean shutdown it releases the lock, so a standby takes over at its
-next poll.
+On a clean shutdown it hands the lock over: the lock's token becomes
+:data:`HANDOVER_PREFIX` and the leader's last send of each entry, so a
+standby (or the next beat to start within ``redlock_beat_ttl``) takes it
+over at its next poll and goes on from those sends: an interval entry keeps
+the old leader's phase, a due time the old leader sent is not sent again
+(also when the new leader's clock is behind, by up to ``HANDOVER_SKEW``,
+60 s), one it had not sent is, and a scheduler caching its entries takes
+the old leader's sends into them.
 
-Limits, at a change of leader (the lock itself is never held by two):
+Limits, when the leader dies without a hand-over (SIGKILL, a lost host; the
+lock itself is never held by two): a standby takes over when the lock
+expires, from its own copy of the schedule:
 
-- each instance keeps its own phase for an interval schedule (``"schedule":
-  10.0``), counted from when it started. After a SIGKILL the gap is at
-  least the TTL anyway, but at a clean hand-over the new leader's first
-  send can come sooner than one interval after the old leader's last;
-- a crontab schedule has the same due times on every instance, but each
-  reads its own clock: at a clean hand-over (the lock released, a standby
-  leading within a poll) a due time the old leader had just sent can be
-  sent again by a new leader whose clock is behind by more than the gap;
+- an interval schedule (``"schedule": 10.0``) has the standby's own phase,
+  counted from when it started: its first send comes at least the TTL
+  after the old leader's last, but can come sooner than one interval after
+  it when the interval is longer than the TTL;
+- a crontab due time the dead leader sent is sent again only by a standby
+  whose clock is behind by more than the TTL;
 - with ``redlock_standby_ticks = False`` a standby does not tick, and a
   scheduler that caches its entries in memory (django-celery-beat reads
-  them once) still has the entries as it read them when it takes over:
-  whatever the old leader sent since then is due again for it.
+  them once) still has the entries as it read them: whatever the dead
+  leader sent since then is due again for it.
 
 For a job that must run at most once per period whatever the beats do, make
 it a ``RedlockTask`` with ``redlock_hold`` (a period, or a little less): a
@@ -54,12 +60,14 @@ second send inside the hold is a duplicate and does not run.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
 import time
 import uuid
+from datetime import datetime, timezone
 from typing import Any
 
 from celery.beat import PersistentScheduler
@@ -68,7 +76,7 @@ from .config import get_redlock, resolve_settings
 from .exceptions import LockExtendError, LockNotAcquired, RedlockConfigError, RedlockError, Vote
 from .redlock import Lock, Redlock
 
-__all__ = ["BEAT_DEFAULTS", "RedlockScheduler", "RedlockSchedulerMixin"]
+__all__ = ["BEAT_DEFAULTS", "HANDOVER_PREFIX", "RedlockScheduler", "RedlockSchedulerMixin"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +86,16 @@ BEAT_DEFAULTS: dict[str, Any] = {
     "redlock_beat_ttl": 30.0,
     "redlock_beat_poll": 1.0,
 }
+
+
+#: On a clean shutdown the leader lock is handed over, not released: its token
+#: becomes this prefix and JSON, ``{"from": <old token>, "sent": {<entry name>:
+#: <its last_run_at as a Unix time>}}``, for the next leader to take over
+#: (``acquire(takeover=token)``) and go on from.
+HANDOVER_PREFIX = "handover:"
+#: Seconds a handed-over send time may be ahead of this beat's clock and still be
+#: taken: an old leader whose clock ran further ahead is not trusted.
+HANDOVER_SKEW = 60.0
 
 
 def _setting(scheduler: object, app: Any, name: str) -> tuple[Any, str]:
@@ -201,17 +219,29 @@ class RedlockSchedulerMixin:
                 self.redlock_beat_token,
                 retry_count=0,
             )
+            handed = None
         except LockNotAcquired as exc:
             if exc.unavailable:
                 self._complain(
                     logging.WARNING, "beat: cannot reach a quorum for the leader lock: %s", exc
                 )
-            else:
+                return
+            handed = self._handed_over()
+            if handed is None:
                 self._standby_note(exc.resource)
-            return
+                return
+            try:  # the old leader shut down and handed the lock over: take it
+                self._leader = self.redlock.acquire(
+                    self._key, self._ttl, self.redlock_beat_token, retry_count=0, takeover=handed
+                )
+            except RedlockError:
+                self._standby_note(self._key)  # another beat took it first
+                return
         except RedlockError as exc:
             self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
             return
+        if handed is not None:
+            self._go_on_from(handed)
         self._complaint = ""
         self._next_renew = time.monotonic() + self._ttl / 3
         logger.info(
@@ -254,6 +284,74 @@ class RedlockSchedulerMixin:
                 "the leader lock could not be renewed before its validity ran out "
                 "(no quorum kept it, or this process was paused)"
             )
+
+    def _handed_over(self) -> str | None:
+        """The leader lock's token when the old leader handed it over, else None."""
+        try:
+            holder = self.redlock.holder(self._key)
+        except RedlockError:
+            return None
+        return holder if holder is not None and holder.startswith(HANDOVER_PREFIX) else None
+
+    def _go_on_from(self, token: str) -> None:
+        """Take the old leader's last send of each entry as this beat's own.
+
+        So the new leader neither sends again what the old one sent (its clock
+        behind the old leader's, or entries it caches from before) nor keeps a
+        phase of its own for an interval schedule; and it sends what the old
+        leader had not. A send time further ahead of this beat's clock than
+        ``HANDOVER_SKEW`` is not taken.
+        """
+        try:
+            data = json.loads(token[len(HANDOVER_PREFIX) :])
+            sent = data["sent"]
+            if not isinstance(sent, dict):
+                raise TypeError("'sent' is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("beat: the handed-over leader lock carries no readable sends: %s", exc)
+            return
+        limit = time.time() + HANDOVER_SKEW
+        schedule = self.schedule  # type: ignore[attr-defined]
+        taken = 0
+        for name, stamp in sent.items():
+            entry = schedule.get(name)
+            if entry is None or isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
+                continue
+            if not math.isfinite(stamp) or stamp > limit:
+                logger.warning(
+                    "beat: not taking the old leader's last send of %s: %s is more than "
+                    "%g s ahead of this beat's clock",
+                    name,
+                    stamp,
+                    HANDOVER_SKEW,
+                )
+                continue
+            when = datetime.fromtimestamp(stamp, timezone.utc)
+            own = getattr(entry, "last_run_at", None)
+            if isinstance(own, datetime):
+                when = (
+                    when.replace(tzinfo=None) if own.tzinfo is None else when.astimezone(own.tzinfo)
+                )
+            entry.last_run_at = when
+            taken += 1
+        if taken and hasattr(self, "_heap"):
+            self._heap = None  # Celery's scheduler re-reads every entry's next time
+        logger.info(
+            "beat: took the leader lock over from %s; %d entries go on from its last sends",
+            data.get("from", "?"),
+            taken,
+        )
+
+    def _sent_times(self) -> dict[str, float]:
+        """Each entry's last send (``last_run_at``) as a Unix time; a naive one is UTC."""
+        sent: dict[str, float] = {}
+        for name, entry in self.schedule.items():  # type: ignore[attr-defined]
+            last = getattr(entry, "last_run_at", None)
+            if isinstance(last, datetime):
+                if last.tzinfo is None:  # as celery.schedules reads it
+                    last = last.replace(tzinfo=timezone.utc)
+                sent[str(name)] = last.timestamp()
+        return sent
 
     def _standby_note(self, key: str) -> None:
         """Say once at INFO (then at DEBUG) who leads: a beat that stays standby for
@@ -336,14 +434,27 @@ class RedlockSchedulerMixin:
         super().apply_entry(entry, producer=producer)  # type: ignore[misc]
 
     def close(self) -> None:
-        """Release the leader lock (a standby takes over at once), then close."""
+        """Hand the leader lock over (a standby takes it at its next poll), then close.
+
+        The lock's token becomes :data:`HANDOVER_PREFIX` and this beat's last
+        send of each entry, for ``redlock_beat_ttl`` seconds: the next leader
+        goes on from those sends. When that fails, the lock is released.
+        """
         lock, self._leader = self._leader, None
         if lock is not None:
             try:
-                self.redlock.release(lock)
-                logger.info("beat: released the leader lock %s", self._key)
-            except RedlockError as exc:  # pragma: no cover - best effort at shutdown
-                logger.warning("beat: releasing the leader lock failed: %s", exc)
+                token = HANDOVER_PREFIX + json.dumps(
+                    {"from": self.redlock_beat_token, "sent": self._sent_times()},
+                    separators=(",", ":"),
+                    sort_keys=True,
+                )
+                if self.redlock.reassign(lock, token, self._ttl):
+                    logger.info("beat: handed the leader lock %s over", self._key)
+                else:
+                    self.redlock.release(lock)
+                    logger.info("beat: released the leader lock %s", self._key)
+            except Exception as exc:  # best effort at shutdown: the lock then expires
+                logger.warning("beat: handing the leader lock over failed: %s", exc)
         super().close()  # type: ignore[misc]
 
 

@@ -25,6 +25,7 @@ import click
 import redis
 
 from ._wakeup import channel
+from .beat import HANDOVER_PREFIX
 from .config import resolve_settings
 from .exceptions import RedlockError
 from .keys import task_id_of
@@ -175,6 +176,8 @@ def _locks(manager: Redlock, keys: Sequence[str], prefix: str) -> list[dict[str,
         shown = info.holder
         if shown is None:
             shown = next(iter(tokens)) if len(tokens) == 1 else f"({len(tokens)} tokens)"
+        elif shown.startswith(HANDOVER_PREFIX):
+            shown = "(handed over by a beat that stopped)"
         elif task is not None:
             shown = task_id_of(shown)  # a running task's token is its id and a run mark
         rows.append(

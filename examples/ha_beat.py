@@ -14,7 +14,8 @@ terminals), plus a worker::
 ``report`` is sent every 10 s by the leader only. Kill the leader (even with
 SIGKILL) and the standby takes over within ``redlock_beat_ttl`` (plus one
 ``redlock_beat_poll``); stop it cleanly (Ctrl-C) and the standby takes over
-at its next poll, as the leader releases its lock on the way out. Without
+at its next poll, as the leader hands its lock over on the way out (with
+its last sends, which the new leader goes on from). Without
 ``beat_scheduler`` in the config, pass ``-S celery_redlock.beat:RedlockScheduler``.
 
 With django-celery-beat, use ``HADatabaseScheduler`` below instead::
@@ -28,7 +29,7 @@ waits, and it takes over once the leader closes. It prints, e.g.::
     beat a: leader
     beat b: standby
     leader lock redlock:beat:ha_beat held by beat a -> True
-    beat a: closed (released the leader lock)
+    beat a: closed (handed the leader lock over)
     beat b: leader after 0.9 s
 """
 
@@ -104,7 +105,7 @@ def main() -> None:
             print(f"leader lock {key} held by beat a -> {holder == a.redlock_beat_token}")
         finally:
             a.close()
-        print("beat a: closed (released the leader lock)")
+        print("beat a: closed (handed the leader lock over)")
         started = time.monotonic()
         try:
             while not b.is_leader and time.monotonic() - started < 10:

@@ -29,7 +29,7 @@ import redis
 from celery import Celery
 from celery.beat import Scheduler
 
-from celery_redlock.beat import RedlockScheduler, RedlockSchedulerMixin
+from celery_redlock.beat import HANDOVER_PREFIX, RedlockScheduler, RedlockSchedulerMixin
 from celery_redlock.config import forget_managers, get_redlock, resolve_settings
 from celery_redlock.exceptions import RedlockConfigError
 from tests.integration.celery_apps.helpers import server_url, wait_for
@@ -296,10 +296,10 @@ def test_validity_running_out_before_a_send_steps_down_without_sending(
     assert get_redlock(resolve_settings(app)).inspect(a.redlock_beat_lock_key).nodes_holding == 0
 
 
-def test_close_releases_the_lock_so_the_standby_leads_at_its_next_poll(
+def test_close_hands_the_lock_over_so_the_standby_leads_at_its_next_poll(
     redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
 ) -> None:
-    app = make_app(redis_urls[:3], redlock_beat_ttl=30.0)  # only a release can hand over fast
+    app = make_app(redis_urls[:3], redlock_beat_ttl=30.0)  # only a hand-over can be fast
     (a, _), (b, spy_b) = schedulers(app), schedulers(app)
     drive([a, b], 0.3)
     assert a.is_leader
@@ -307,11 +307,68 @@ def test_close_releases_the_lock_so_the_standby_leads_at_its_next_poll(
     manager = get_redlock(resolve_settings(app))
     a.close()
     closed = time.monotonic()
-    assert manager.holder(a.redlock_beat_lock_key) is None
+    handed = manager.holder(a.redlock_beat_lock_key)
+    assert handed is not None
+    assert handed.startswith(HANDOVER_PREFIX)
+    assert json.loads(handed[len(HANDOVER_PREFIX) :])["from"] == a.redlock_beat_token
     assert wait_for(lambda: (b.tick(), b.is_leader)[1], timeout=2.0, interval=0.01)
     assert time.monotonic() - closed <= 0.2 + 0.3  # the poll, plus slack
+    assert manager.holder(b.redlock_beat_lock_key) == b.redlock_beat_token
     drive([b], 0.3)
     assert spy_b.sends
+
+
+def test_after_a_hand_over_the_new_leader_goes_on_from_the_old_leader_s_sends(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """An every-second entry: the standby, started half a second later, keeps a phase
+    of its own; after the leader's clean shutdown just after a send, the new leader
+    sends one interval after that send, not at its own phase half an interval on."""
+    app = make_app(
+        redis_urls[:3],
+        redlock_beat_ttl=30.0,
+        beat_schedule={"tick": {"task": TASK, "schedule": 1.0}},
+    )
+    a, spy_a = schedulers(app)
+    drive([a], 0.5)
+    assert a.is_leader
+    b, spy_b = schedulers(app)  # its entry's phase: half a second after a's
+    assert wait_for(lambda: (drive([a, b], 0.01), len(spy_a.sends) >= 2)[1], 4.0, 0.0)
+    a.close()  # just after a send: b's own phase would send half an interval later
+    last = spy_a.sends[-1][0]
+    assert wait_for(lambda: (drive([b], 0.01), bool(spy_b.sends))[1], 3.0, 0.0)
+    gap = spy_b.sends[0][0] - last
+    assert 0.9 <= gap <= 1.5, gap
+
+
+def test_a_handed_over_send_time_far_ahead_of_this_clock_is_not_taken(
+    redis_urls: list[str],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An old leader whose clock ran an hour ahead: its last send is not taken (the
+    entry would not be sent for an hour); one a few seconds ahead is."""
+    app = make_app(
+        redis_urls[:3],
+        beat_schedule={
+            "far": {"task": TASK, "schedule": INTERVAL},
+            "near": {"task": TASK, "schedule": 3600.0},
+        },
+    )
+    b, spy_b = schedulers(app)
+    manager = get_redlock(resolve_settings(app))
+    ahead = time.time() + 3600
+    near = time.time() + 5
+    token = HANDOVER_PREFIX + json.dumps({"from": "old", "sent": {"far": ahead, "near": near}})
+    manager.acquire(b.redlock_beat_lock_key, 30, token)
+    with caplog.at_level(logging.WARNING, logger="celery_redlock.beat"):
+        drive([b], 0.6)
+    assert b.is_leader
+    assert b.schedule["near"].last_run_at.timestamp() == pytest.approx(near, abs=0.01)
+    assert [name for _, name in spy_b.sends].count("far") >= 3  # sent on, every 0.1 s
+    assert any(
+        "not taking the old leader's last send of far" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_lazy_scheduler_takes_no_lock(redis_urls: list[str], tmp_path: Path) -> None:
@@ -560,10 +617,12 @@ def run_two_beats(
         killed = time.time()
         time.sleep(seconds / 2)
         assert leader_pid() == beats["b"].pid
-        _stop(beats["b"])  # a clean shutdown releases the lock
+        _stop(beats["b"])  # a clean shutdown hands the lock over
         stopped = time.time()
         assert beats["b"].returncode == 0
-        assert manager.holder(key) is None
+        handed = manager.holder(key)
+        assert handed is not None
+        assert handed.startswith(HANDOVER_PREFIX)
         return BeatRun(
             sends=_sent(broker, queue),
             pids={name: proc.pid for name, proc in beats.items()},

@@ -393,3 +393,19 @@ def test_a_command_run_without_an_app_says_the_app_is_missing(tmp_path: Path) ->
     assert done.returncode == 2, done.stdout
     assert "redlock_servers is not set" in done.stderr
     assert "no app was given: run it as celery -A proj redlock ..." in done.stderr
+
+
+def test_list_shows_a_beat_lock_handed_over_as_such(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    from celery_redlock.beat import HANDOVER_PREFIX
+
+    urls, manager = three
+    manager.acquire("redlock:beat:proj", 30, HANDOVER_PREFIX + '{"from":"h:1:x","sent":{}}')
+    result = cli(urls, "list", "--json")
+    assert result.exit_code == 0, result.output
+    (lock,) = json.loads(result.stdout)["locks"]
+    assert (lock["task"], lock["holder"]) == (
+        "(beat leader)",
+        "(handed over by a beat that stopped)",
+    )

@@ -154,7 +154,7 @@ def test_ha_beat_elects_one_leader_and_fails_over(beat_env: dict[str, str]) -> N
         "beat a: leader",
         "beat b: standby",
         "leader lock redlock:beat:ha_beat held by beat a -> True",
-        "beat a: closed (released the leader lock)",
+        "beat a: closed (handed the leader lock over)",
     ]
     taken_over = re.fullmatch(r"beat b: leader after ([0-9.]+) s", lines[4])
     assert taken_over, lines
@@ -221,12 +221,12 @@ def test_ha_beat_docstring_command_runs_a_leading_beat(
         while "beat: leader now" not in log.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean shutdown releases the leader lock
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean shutdown hands the leader lock over
         proc.wait(timeout=15)
     text = log.read_text()
     assert ". scheduler -> celery_redlock.beat.RedlockScheduler" in text
     assert "beat: leader now (lock redlock:beat:ha_beat, ttl 30.0s)" in text
-    assert "beat: released the leader lock redlock:beat:ha_beat" in text
+    assert "beat: handed the leader lock redlock:beat:ha_beat over" in text
 
 
 def test_django_settings_resolve_through_the_celery_namespace(env: dict[str, str]) -> None:
