@@ -90,12 +90,15 @@ BEAT_DEFAULTS: dict[str, Any] = {
 
 #: On a clean shutdown the leader lock is handed over, not released: its token
 #: becomes this prefix and JSON, ``{"from": <old token>, "sent": {<entry name>:
-#: <its last_run_at as a Unix time>}}``, for the next leader to take over
+#: <the Unix time of its last send>}}``, for the next leader to take over
 #: (``acquire(takeover=token)``) and go on from.
 HANDOVER_PREFIX = "handover:"
 #: Seconds a handed-over send time may be ahead of this beat's clock and still be
 #: taken: an old leader whose clock ran further ahead is not trusted.
 HANDOVER_SKEW = 60.0
+#: Most bytes of a hand-over token (about 60 per entry): a larger schedule's
+#: leader releases its lock instead.
+HANDOVER_MAX = 64 * 1024
 
 
 def _setting(scheduler: object, app: Any, name: str) -> tuple[Any, str]:
@@ -158,6 +161,9 @@ class RedlockSchedulerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._leader: Lock | None = None
         self._standby_tick = False
+        #: entry name -> Unix time of its last send this beat knows of: its own
+        #: (successful) sends as leader, and those a hand-over gave it
+        self._sent: dict[str, float] = {}
         self._next_renew = 0.0
         self._next_try = 0.0
         self._complaint = ""
@@ -240,6 +246,7 @@ class RedlockSchedulerMixin:
         except RedlockError as exc:
             self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
             return
+        self._sent = {}  # what others sent is known only from a hand-over
         if handed is not None:
             self._go_on_from(handed)
         self._complaint = ""
@@ -317,22 +324,26 @@ class RedlockSchedulerMixin:
             entry = schedule.get(name)
             if entry is None or isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
                 continue
-            if not math.isfinite(stamp) or stamp > limit:
-                logger.warning(
-                    "beat: not taking the old leader's last send of %s: %s is more than "
-                    "%g s ahead of this beat's clock",
-                    name,
-                    stamp,
-                    HANDOVER_SKEW,
-                )
-                continue
-            when = datetime.fromtimestamp(stamp, timezone.utc)
+            try:
+                if not stamp <= limit:  # (also NaN)
+                    logger.warning(
+                        "beat: not taking the old leader's last send of %s: %s is more than "
+                        "%g s ahead of this beat's clock",
+                        name,
+                        stamp,
+                        HANDOVER_SKEW,
+                    )
+                    continue
+                when = datetime.fromtimestamp(stamp, timezone.utc)
+            except (OverflowError, ValueError, OSError):
+                continue  # not a time
             own = getattr(entry, "last_run_at", None)
-            if isinstance(own, datetime):
-                when = (
-                    when.replace(tzinfo=None) if own.tzinfo is None else when.astimezone(own.tzinfo)
-                )
+            if isinstance(own, datetime) and own.tzinfo is None:
+                when = when.replace(tzinfo=None)  # naive is UTC, as celery.schedules reads it
+            elif isinstance(own, datetime):
+                when = when.astimezone(own.tzinfo)
             entry.last_run_at = when
+            self._sent[str(name)] = float(stamp)
             taken += 1
         if taken and hasattr(self, "_heap"):
             self._heap = None  # Celery's scheduler re-reads every entry's next time
@@ -341,17 +352,6 @@ class RedlockSchedulerMixin:
             data.get("from", "?"),
             taken,
         )
-
-    def _sent_times(self) -> dict[str, float]:
-        """Each entry's last send (``last_run_at``) as a Unix time; a naive one is UTC."""
-        sent: dict[str, float] = {}
-        for name, entry in self.schedule.items():  # type: ignore[attr-defined]
-            last = getattr(entry, "last_run_at", None)
-            if isinstance(last, datetime):
-                if last.tzinfo is None:  # as celery.schedules reads it
-                    last = last.replace(tzinfo=timezone.utc)
-                sent[str(name)] = last.timestamp()
-        return sent
 
     def _standby_note(self, key: str) -> None:
         """Say once at INFO (then at DEBUG) who leads: a beat that stays standby for
@@ -433,22 +433,32 @@ class RedlockSchedulerMixin:
             return
         super().apply_entry(entry, producer=producer)  # type: ignore[misc]
 
+    def apply_async(self, entry: Any, *args: Any, **kwargs: Any) -> Any:
+        """Send ``entry``; a send that went through is noted for a hand-over."""
+        result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
+        if not self._standby_tick:
+            self._sent[str(entry.name)] = time.time()
+        return result
+
     def close(self) -> None:
         """Hand the leader lock over (a standby takes it at its next poll), then close.
 
-        The lock's token becomes :data:`HANDOVER_PREFIX` and this beat's last
-        send of each entry, for ``redlock_beat_ttl`` seconds: the next leader
-        goes on from those sends. When that fails, the lock is released.
+        The lock's token becomes :data:`HANDOVER_PREFIX` and the last send of
+        each entry this beat knows of (its own sends that went through, and
+        those handed to it), for ``redlock_beat_ttl`` seconds: the next leader
+        goes on from those sends. A send cut short or failed is not among
+        them. When the token would pass :data:`HANDOVER_MAX` bytes, or the
+        hand-over fails, the lock is released.
         """
         lock, self._leader = self._leader, None
         if lock is not None:
             try:
                 token = HANDOVER_PREFIX + json.dumps(
-                    {"from": self.redlock_beat_token, "sent": self._sent_times()},
+                    {"from": self.redlock_beat_token, "sent": self._sent},
                     separators=(",", ":"),
                     sort_keys=True,
                 )
-                if self.redlock.reassign(lock, token, self._ttl):
+                if len(token) <= HANDOVER_MAX and self.redlock.reassign(lock, token, self._ttl):
                     logger.info("beat: handed the leader lock %s over", self._key)
                 else:
                     self.redlock.release(lock)

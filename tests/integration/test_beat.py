@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import pytest
 import redis
 from celery import Celery
 from celery.beat import Scheduler
+from celery.schedules import crontab
 
 from celery_redlock.beat import HANDOVER_PREFIX, RedlockScheduler, RedlockSchedulerMixin
 from celery_redlock.config import forget_managers, get_redlock, resolve_settings
@@ -369,6 +371,66 @@ def test_a_handed_over_send_time_far_ahead_of_this_clock_is_not_taken(
     assert any(
         "not taking the old leader's last send of far" in r.getMessage() for r in caplog.records
     )
+
+
+def test_a_crontab_time_the_old_leader_sent_is_not_sent_again_by_a_new_leader_behind_it(
+    redis_urls: list[str],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+) -> None:
+    """An every-minute crontab entry: the old leader sent this minute's run; the new
+    leader's clock is behind (its own copy says the run is still due). Taking the
+    hand-over, it does not send that run again."""
+    app = make_app(redis_urls[:3], beat_schedule={"cron": {"task": TASK, "schedule": crontab()}})
+    b, spy_b = schedulers(app)
+    minute = math.floor(time.time() / 60) * 60  # this minute's run, D
+    entry = b.schedule["cron"]
+    entry.last_run_at = datetime.fromtimestamp(minute - 30, timezone.utc)  # behind: D due
+    assert entry.is_due()[0]
+    token = HANDOVER_PREFIX + json.dumps({"from": "old", "sent": {"cron": minute + 0.05}})
+    get_redlock(resolve_settings(app)).acquire(b.redlock_beat_lock_key, 30, token)
+    drive([b], 0.5)
+    assert b.is_leader
+    assert spy_b.sends == []
+    assert not b.schedule["cron"].is_due()[0]
+
+
+class CachingScheduler(RedlockSchedulerMixin, Scheduler):  # type: ignore[misc]
+    """Keeps its entries as first read, as django-celery-beat's DatabaseScheduler does
+    (its ``reserve`` does not store the advanced entry in ``schedule``)."""
+
+    def reserve(self, entry: Any) -> Any:
+        return next(entry)
+
+
+def test_the_hand_over_carries_the_sends_that_went_through_not_the_entries_state(
+    redis_urls: list[str],
+) -> None:
+    """A scheduler that caches its entries, and a send that fails: the hand-over
+    carries the time of the last send that went through."""
+    app = make_app(redis_urls[:3])
+    a = CachingScheduler(app=app, lazy=False)
+    sends: list[float] = []
+    real = a.send_task
+
+    def send_task(*args: Any, **kwargs: Any) -> Any:
+        if len(sends) >= 3:
+            raise ConnectionError("broker gone")
+        result = real(*args, **kwargs)
+        sends.append(time.time())
+        return result
+
+    a.send_task = send_task  # type: ignore[method-assign]
+    try:
+        drive([a], 1.0)  # 3 sends go through, the others fail
+        assert a.is_leader
+        assert len(sends) == 3
+    finally:
+        a.close()
+    handed = get_redlock(resolve_settings(app)).holder(a.redlock_beat_lock_key)
+    assert handed is not None
+    sent = json.loads(handed[len(HANDOVER_PREFIX) :])["sent"]
+    assert sent["tick"] == pytest.approx(sends[-1], abs=0.05)
+    forget_managers()
 
 
 def test_lazy_scheduler_takes_no_lock(redis_urls: list[str], tmp_path: Path) -> None:
