@@ -101,6 +101,29 @@ HANDOVER_SKEW = 60.0
 HANDOVER_MAX = 64 * 1024
 
 
+def _handed_time(name: object, stamp: object, limit: float) -> datetime | None:
+    """A handed-over Unix time as a UTC datetime; None when it is not a time, or is
+    later than ``limit`` (an old leader's clock too far ahead: not trusted)."""
+    if isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
+        return None
+    if not stamp >= 0:  # before 1970 (or NaN): not a send time
+        return None
+    try:
+        if not stamp <= limit:
+            logger.warning(
+                "beat: not taking the old leader's last send of %s: %s is more than %g s "
+                "ahead of this beat's clock",
+                name,
+                stamp,
+                HANDOVER_SKEW,
+            )
+            return None
+        when = datetime.fromtimestamp(stamp, timezone.utc)
+    except (OverflowError, ValueError, OSError):
+        return None
+    return when
+
+
 def _setting(scheduler: object, app: Any, name: str) -> tuple[Any, str]:
     """A beat setting's value: the scheduler class's attribute when not None, else
     ``app.conf``'s; and how an error names where it came from."""
@@ -218,6 +241,7 @@ class RedlockSchedulerMixin:
         if now < self._next_try:
             return
         self._next_try = now + self._poll
+        self._sent = {}  # what others sent is known only from a hand-over
         try:
             self._leader = self.redlock.acquire(
                 self._key,
@@ -246,9 +270,12 @@ class RedlockSchedulerMixin:
         except RedlockError as exc:
             self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
             return
-        self._sent = {}  # what others sent is known only from a hand-over
         if handed is not None:
-            self._go_on_from(handed)
+            try:
+                self._go_on_from(handed)
+            except Exception as exc:  # a token not of ours: go on from this beat's own state
+                self._sent = {}
+                logger.warning("beat: the handed-over leader lock could not be read: %r", exc)
         self._complaint = ""
         self._next_renew = time.monotonic() + self._ttl / 3
         logger.info(
@@ -301,57 +328,67 @@ class RedlockSchedulerMixin:
         return holder if holder is not None and holder.startswith(HANDOVER_PREFIX) else None
 
     def _go_on_from(self, token: str) -> None:
-        """Take the old leader's last send of each entry as this beat's own.
+        """Take the old leader's sends into this beat's schedule.
 
-        So the new leader neither sends again what the old one sent (its clock
-        behind the old leader's, or entries it caches from before) nor keeps a
-        phase of its own for an interval schedule; and it sends what the old
-        leader had not. A send time further ahead of this beat's clock than
-        ``HANDOVER_SKEW`` is not taken.
+        ``sent``: each entry's last send, as the old leader knew it exactly
+        (its own sends, or a hand-over's): taken as this beat's own, so the
+        new leader neither sends again what the old one sent (its clock
+        behind the old leader's, or entries it caches from before) nor keeps
+        a phase of its own for an interval schedule, and it sends what the
+        old leader had not. ``since``: other entries' last run as the old
+        leader's schedule had it: only moves an entry's time forward. A time
+        further ahead of this beat's clock than ``HANDOVER_SKEW`` is not taken.
         """
-        try:
-            data = json.loads(token[len(HANDOVER_PREFIX) :])
-            sent = data["sent"]
-            if not isinstance(sent, dict):
-                raise TypeError("'sent' is not an object")
-        except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("beat: the handed-over leader lock carries no readable sends: %s", exc)
-            return
+        data = json.loads(token[len(HANDOVER_PREFIX) :])
+        sent = data.get("sent") if isinstance(data, dict) else None
+        since = data.get("since") if isinstance(data, dict) else None
+        sent = sent if isinstance(sent, dict) else {}
+        since = since if isinstance(since, dict) else {}
         limit = time.time() + HANDOVER_SKEW
         schedule = self.schedule  # type: ignore[attr-defined]
         taken = 0
-        for name, stamp in sent.items():
-            entry = schedule.get(name)
-            if entry is None or isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
-                continue
-            try:
-                if not stamp <= limit:  # (also NaN)
-                    logger.warning(
-                        "beat: not taking the old leader's last send of %s: %s is more than "
-                        "%g s ahead of this beat's clock",
-                        name,
-                        stamp,
-                        HANDOVER_SKEW,
-                    )
+        for exact, times in ((True, sent), (False, since)):
+            for name, stamp in times.items():
+                entry = schedule.get(name)
+                when = _handed_time(name, stamp, limit)
+                if entry is None or when is None:
                     continue
-                when = datetime.fromtimestamp(stamp, timezone.utc)
-            except (OverflowError, ValueError, OSError):
-                continue  # not a time
-            own = getattr(entry, "last_run_at", None)
-            if isinstance(own, datetime) and own.tzinfo is None:
-                when = when.replace(tzinfo=None)  # naive is UTC, as celery.schedules reads it
-            elif isinstance(own, datetime):
-                when = when.astimezone(own.tzinfo)
-            entry.last_run_at = when
-            self._sent[str(name)] = float(stamp)
-            taken += 1
+                own = getattr(entry, "last_run_at", None)
+                if isinstance(own, datetime):
+                    when = (
+                        when.replace(tzinfo=None)
+                        if own.tzinfo is None
+                        else when.astimezone(own.tzinfo)
+                    )
+                    if not exact and when <= own:
+                        continue
+                entry.last_run_at = when
+                if exact:
+                    self._sent[str(name)] = float(stamp)
+                taken += 1
         if taken and hasattr(self, "_heap"):
             self._heap = None  # Celery's scheduler re-reads every entry's next time
         logger.info(
-            "beat: took the leader lock over from %s; %d entries go on from its last sends",
-            data.get("from", "?"),
+            "beat: took the leader lock over from %s; %d entries go on from its sends",
+            data.get("from", "?") if isinstance(data, dict) else "?",
             taken,
         )
+
+    def _handed_over_times(self) -> dict[str, dict[str, float]]:
+        """What a hand-over carries: ``sent``, each entry's last send this beat knows
+        exactly; ``since``, the other entries' last run as its schedule has it (the
+        shared model's for a scheduler that caches its entries)."""
+        since: dict[str, float] = {}
+        for name, entry in self.schedule.items():  # type: ignore[attr-defined]
+            if name in self._sent:
+                continue
+            model = getattr(entry, "model", None)  # django-celery-beat's ModelEntry
+            last = getattr(model, "last_run_at", None) or getattr(entry, "last_run_at", None)
+            if isinstance(last, datetime):
+                if last.tzinfo is None:  # as celery.schedules reads it
+                    last = last.replace(tzinfo=timezone.utc)
+                since[str(name)] = last.timestamp()
+        return {"sent": dict(self._sent), "since": since}
 
     def _standby_note(self, key: str) -> None:
         """Say once at INFO (then at DEBUG) who leads: a beat that stays standby for
@@ -454,7 +491,7 @@ class RedlockSchedulerMixin:
         if lock is not None:
             try:
                 token = HANDOVER_PREFIX + json.dumps(
-                    {"from": self.redlock_beat_token, "sent": self._sent},
+                    {"from": self.redlock_beat_token, **self._handed_over_times()},
                     separators=(",", ":"),
                     sort_keys=True,
                 )

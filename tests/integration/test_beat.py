@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +431,51 @@ def test_the_hand_over_carries_the_sends_that_went_through_not_the_entries_state
     sent = json.loads(handed[len(HANDOVER_PREFIX) :])["sent"]
     assert sent["tick"] == pytest.approx(sends[-1], abs=0.05)
     forget_managers()
+
+
+def test_a_leader_that_led_twice_hands_over_what_it_sent_before_as_a_lower_bound(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """The leader sent an entry, stepped down, led again (so it knows no longer what
+    was sent in between) and shut down: a standby that caches its entries (no dry
+    ticks) still does not send that entry again at once."""
+    app = make_app(redis_urls[:3], beat_schedule={"slow": {"task": TASK, "schedule": 2.0}})
+    a, spy_a = schedulers(app)
+    a.schedule["slow"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=3)  # due
+    drive([a], 0.3)
+    assert [name for _, name in spy_a.sends] == ["slow"]
+    a._step_down("a test: a renewal that failed")
+    drive([a], 0.5)
+    assert a.is_leader
+    assert len(spy_a.sends) == 1
+    b = CachingScheduler(app=app, lazy=False)
+    b.redlock_standby_ticks = False
+    b_sends: list[str] = []
+    real = b.send_task
+    b.send_task = lambda name, *a, **k: (b_sends.append(name), real(name, *a, **k))[1]  # type: ignore[method-assign]
+    b.schedule["slow"].last_run_at = datetime.now(timezone.utc) - timedelta(seconds=3)  # stale
+    try:
+        a.close()
+        drive([b], 1.0)
+        assert b.is_leader
+        assert b_sends == []  # next due 2 s after a's send, not at once
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"sent":{"tick":-62135596800}}', '{"sent":' + "[" * 5000 + "]" * 5000 + "}", "not json"],
+)
+def test_a_handed_over_lock_that_is_not_of_ours_never_raises_out_of_tick(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]], body: str
+) -> None:
+    app = make_app(redis_urls[:3], timezone="America/New_York")
+    b, spy_b = schedulers(app)
+    get_redlock(resolve_settings(app)).acquire(b.redlock_beat_lock_key, 30, HANDOVER_PREFIX + body)
+    drive([b], 0.5)  # would raise
+    assert b.is_leader
+    assert spy_b.sends  # goes on from its own schedule
 
 
 def test_lazy_scheduler_takes_no_lock(redis_urls: list[str], tmp_path: Path) -> None:
