@@ -471,7 +471,12 @@ class RedlockSchedulerMixin:
         super().apply_entry(entry, producer=producer)  # type: ignore[misc]
 
     def apply_async(self, entry: Any, *args: Any, **kwargs: Any) -> Any:
-        """Send ``entry``; a send that went through is noted for a hand-over."""
+        """Send ``entry``, only as a leader whose lock is valid (also for a scheduler
+        that sends without :meth:`apply_entry`, as RedBeat does); a send that went
+        through is noted for a hand-over."""
+        if self._standby_tick or not self.is_leader:
+            self.apply_entry(entry)  # says why, and steps down when the lock ran out
+            return None
         result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
         if not self._standby_tick:
             self._sent[str(entry.name)] = time.time()

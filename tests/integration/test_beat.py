@@ -478,6 +478,27 @@ def test_a_handed_over_lock_that_is_not_of_ours_never_raises_out_of_tick(
     assert spy_b.sends  # goes on from its own schedule
 
 
+def test_a_scheduler_sending_without_apply_entry_sends_only_as_the_leader(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """RedBeat sends due entries with ``apply_async``, never ``apply_entry``: a
+    standby's call sends nothing, the leader's does."""
+    app = make_app(redis_urls[:3])
+    (a, _), (b, _) = schedulers(app), schedulers(app)
+    drive([a, b], 0.3)
+    leader, standby = (a, b) if a.is_leader else (b, a)
+    sent: list[str] = []
+    for scheduler in (leader, standby):
+        real = scheduler.send_task
+        scheduler.send_task = (  # type: ignore[method-assign]
+            lambda *args, _real=real, **kw: (sent.append(args[0]), _real(*args, **kw))[1]
+        )
+    assert standby.apply_async(standby.schedule["tick"]) is None
+    assert sent == []
+    assert leader.apply_async(leader.schedule["tick"]) is not None
+    assert sent == [TASK]
+
+
 def test_lazy_scheduler_takes_no_lock(redis_urls: list[str], tmp_path: Path) -> None:
     """``celery beat`` builds a lazy scheduler for its banner: it must not lead."""
     app = make_app(redis_urls[:3])
