@@ -256,16 +256,19 @@ class RedlockSchedulerMixin:
                     logging.WARNING, "beat: cannot reach a quorum for the leader lock: %s", exc
                 )
                 return
-            handed = self._handed_over()
-            if handed is None:
-                self._standby_note(exc.resource)
+            try:  # who holds it: the old leader may have handed it over as it stopped
+                handed = self.redlock.holder(self._key)
+            except RedlockError:
+                handed = None
+            if handed is None or not handed.startswith(HANDOVER_PREFIX):
+                self._standby_note(handed)
                 return
-            try:  # the old leader shut down and handed the lock over: take it
+            try:  # take it over
                 self._leader = self.redlock.acquire(
                     self._key, self._ttl, self.redlock_beat_token, retry_count=0, takeover=handed
                 )
             except RedlockError:
-                self._standby_note(self._key)  # another beat took it first
+                self._standby_note(None)  # another beat took it first
                 return
         except RedlockError as exc:
             self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
@@ -318,14 +321,6 @@ class RedlockSchedulerMixin:
                 "the leader lock could not be renewed before its validity ran out "
                 "(no quorum kept it, or this process was paused)"
             )
-
-    def _handed_over(self) -> str | None:
-        """The leader lock's token when the old leader handed it over, else None."""
-        try:
-            holder = self.redlock.holder(self._key)
-        except RedlockError:
-            return None
-        return holder if holder is not None and holder.startswith(HANDOVER_PREFIX) else None
 
     def _go_on_from(self, token: str) -> None:
         """Take the old leader's sends into this beat's schedule.
@@ -390,21 +385,18 @@ class RedlockSchedulerMixin:
                 since[str(name)] = last.timestamp()
         return {"sent": dict(self._sent), "since": since}
 
-    def _standby_note(self, key: str) -> None:
-        """Say once at INFO (then at DEBUG) who leads: a beat that stays standby for
-        good (another project's beat on the same key) can be told from its log."""
+    def _standby_note(self, holder: str | None) -> None:
+        """Say once at INFO (then at DEBUG) who leads (``holder``, the lock's token when
+        read): a beat that stays standby for good (another project's beat on the
+        same key) can be told from its log."""
         if self._complaint == "standby":
-            logger.debug("beat: standby; %s is held by another beat", key)
+            logger.debug("beat: standby; %s is held by another beat", self._key)
             return
         self._complaint = "standby"
-        try:
-            holder = self.redlock.holder(key)
-        except RedlockError:
-            holder = None
         logger.info(
             "beat: standby; the leader lock %s is held by %s (host:pid:id); this beat "
             "takes over when it is released or expires",
-            key,
+            self._key,
             holder or "another beat",
         )
 

@@ -117,7 +117,7 @@ class Renewer:
         self._waiting_for: float | None = None
         #: The interval of the last watch queued.
         self._last_interval = MIN_INTERVAL
-        #: How many times the thread woke up (tests and benchmarks read it).
+        #: How many times the thread woke up (the tests read it).
         self.wakeups = 0
 
     def _ensure_own(self) -> None:
