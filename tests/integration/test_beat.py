@@ -623,6 +623,39 @@ def test_a_standby_of_a_shared_state_scheduler_does_not_touch_its_schedule(
         forget_managers()
 
 
+def _django_beats(servers: list[str], db: Path, mode: str) -> dict[str, Any]:
+    pytest.importorskip("django_celery_beat")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.integration.beat_apps.django_beat", ",".join(servers),
+         str(db), mode],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_django_celery_beat_s_database_scheduler_with_the_mixin_hands_over_its_phase(
+    redis_urls: list[str], tmp_path: Path
+) -> None:
+    """The README's HADatabaseScheduler on django-celery-beat itself (SQLite), an
+    every-second PeriodicTask: the standby, which reads the entries once, sends
+    nothing while the other leads, and after the leader's clean shutdown just after
+    a send, sends one interval after that send. The same run without the
+    hand-over's sends shows what it prevents: the standby's cached entry is long
+    due, and it sends the period's task again at once."""
+    run = _django_beats(redis_urls[:3], tmp_path / "beat.sqlite3", "handover")
+    assert run["leaders_before"] == [True, False]
+    assert run["b_sent_while_a_led"] == 0
+    assert len(run["a"]) >= 3
+    assert all(when > run["closed"] for when in run["b"])
+    assert 0.9 <= run["gap"] <= 1.5, run
+    assert len(run["b"]) >= 2
+    without = _django_beats(redis_urls[:3], tmp_path / "control.sqlite3", "no-handover")
+    assert without["b_sent_while_a_led"] == 0
+    assert without["gap"] < 0.5, without
+
+
 def test_no_lock_servers_and_no_redis_broker_names_redlock_servers(tmp_path: Path) -> None:
     app = Celery("beat_unit_nobroker", broker="amqp://guest@127.0.0.1//", set_as_current=False)
     with pytest.raises(RedlockConfigError, match="redlock_servers"):

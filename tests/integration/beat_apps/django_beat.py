@@ -1,0 +1,120 @@
+"""Two django-celery-beat ``DatabaseScheduler`` beats with the mixin, one database.
+
+Run by test_beat.py in a subprocess of its own (Django is set up once per
+process)::
+
+    python -m tests.integration.beat_apps.django_beat SERVERS DB MODE
+
+``SERVERS``: the lock nodes, comma-separated; ``DB``: the SQLite file to
+create; ``MODE``: ``handover`` (the mixin as shipped) or ``no-handover``
+(the new leader does not go on from the old leader's sends: what a scheduler
+caching its entries does without the hand-over).
+
+The README's class, ``HADatabaseScheduler(RedlockSchedulerMixin,
+DatabaseScheduler)`` with ``redlock_standby_ticks = False``, for an
+every-second ``PeriodicTask``. Beat ``a`` leads and sends; ``b`` starts at
+the same moment and stands by (reading the entries once, as
+DatabaseScheduler does). Just after one of ``a``'s sends, ``a`` closes,
+and ``b`` leads. Prints one JSON object: the sends of each (seconds from the
+start, on the monotonic clock), when ``a`` closed, and the gap between
+``a``'s last send and ``b``'s first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import django
+from django.conf import settings
+
+#: The periodic task's name.
+TASK = "beat_django.tick"
+
+
+def _setup(db: str) -> None:
+    settings.configure(
+        INSTALLED_APPS=["django_celery_beat"],
+        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": db}},
+        USE_TZ=True,
+        TIME_ZONE="UTC",
+        DEFAULT_AUTO_FIELD="django.db.models.AutoField",
+    )
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+
+
+def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
+    _setup(db)
+    from celery import Celery
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    from celery_redlock.beat import RedlockSchedulerMixin
+
+    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
+        redlock_standby_ticks = False  # the schedule lives in the shared database
+
+    if mode == "no-handover":
+        HADatabaseScheduler._go_on_from = lambda self, token: None  # type: ignore[method-assign]
+
+    app = Celery("beat_django", broker="memory://")  # current: ModelEntry reads current_app
+    app.conf.update(
+        redlock_servers=servers,
+        redlock_beat_ttl=30.0,  # only a hand-over can be quick
+        redlock_beat_poll=0.1,
+        timezone="UTC",
+        beat_schedule={},
+    )
+    every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
+    PeriodicTask.objects.create(name="tick", task=TASK, interval=every)
+
+    start = time.monotonic()
+    sends: dict[str, list[float]] = {"a": [], "b": []}
+
+    def spy(name: str, scheduler: Any) -> Any:
+        real = scheduler.apply_async
+
+        def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
+            if entry.name == "tick":
+                sends[name].append(time.monotonic() - start)
+            return real(entry, *args, **kwargs)
+
+        scheduler.apply_async = apply_async
+        return scheduler
+
+    a = spy("a", HADatabaseScheduler(app=app, lazy=False))
+    b = spy("b", HADatabaseScheduler(app=app, lazy=False))
+
+    def drive(beats: list[Any], until: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            for beat in beats:
+                beat.tick()
+            time.sleep(0.01)
+
+    drive([a, b], lambda: len(sends["a"]) >= 3, 10.0)
+    leader_before = (a.is_leader, b.is_leader)
+    sent_by_b_before = len(sends["b"])
+    a.close()  # just after a send
+    closed = time.monotonic() - start
+    drive([b], lambda: bool(sends["b"]), 10.0)
+    drive([b], lambda: False, 1.2)
+    b.close()
+    return {
+        "leaders_before": leader_before,
+        "b_sent_while_a_led": sent_by_b_before,
+        "a": sends["a"],
+        "b": sends["b"],
+        "closed": closed,
+        "gap": sends["b"][0] - sends["a"][-1] if sends["b"] and sends["a"] else None,
+    }
+
+
+if __name__ == "__main__":
+    servers_arg, db_arg, mode_arg = sys.argv[1:4]
+    print(json.dumps(main(servers_arg.split(","), db_arg, mode_arg)))
