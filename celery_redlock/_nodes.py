@@ -286,6 +286,17 @@ class _Incomplete(Exception):
 #: What a timed-out send or receive raises: Python's timeout, or the kernel's
 #: (EAGAIN from SO_RCVTIMEO/SO_SNDTIMEO on a blocking socket).
 _TIMEOUTS = (TimeoutError, BlockingIOError)
+
+
+def _plain_socket(sock: object) -> bool:
+    """True for the standard library's own ``socket.socket`` (not TLS, not a test
+    double, and not the socket of gevent or eventlet, whose monkey-patching puts
+    their class in its place: theirs wait in their hub under Python's timeout, so
+    the kernel's timeouts and a non-blocking ``recv`` flag do not hold for them)."""
+    cls = type(sock)
+    return cls.__name__ == "socket" and cls.__module__ == "socket"
+
+
 #: recv() flag for a read that never waits (0 where the platform has none).
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 #: Kernel socket timeouts take a struct timeval of two C longs on Linux.
@@ -454,7 +465,7 @@ class _Wire:
                 self.close()
                 raise
             self.used = False
-        if self.raw and _KERNEL_TIMEOUTS and type(self.sock) is socket.socket:
+        if self.raw and _KERNEL_TIMEOUTS and _plain_socket(self.sock):
             # The kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
             # timeout would poll() before every send and receive.
             seconds = int(self.timeout)
@@ -562,7 +573,7 @@ class _Wire:
         ``b""`` when the connection ended or failed (``read()`` meets it again)."""
         sock = self.sock
         try:
-            if _DONTWAIT and type(sock) is socket.socket and sock.gettimeout() is None:
+            if _DONTWAIT and _plain_socket(sock) and sock.gettimeout() is None:
                 # One syscall instead of select + recv. Only with kernel timeouts:
                 # under a Python timeout, recv() first waits for data.
                 try:

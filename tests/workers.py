@@ -28,12 +28,20 @@ __all__ = ["READY_TIMEOUT", "CeleryWorker", "group_alive"]
 
 
 class CeleryWorker:
-    """One ``celery -A app_module worker -P prefork`` subprocess, logging to ``directory``."""
+    """One ``celery -A app_module worker -P prefork`` subprocess (or ``pool``), logging to
+    ``directory``."""
 
     def __init__(
-        self, app_module: str, name: str, env: dict[str, str], directory: Path, concurrency: int
+        self,
+        app_module: str,
+        name: str,
+        env: dict[str, str],
+        directory: Path,
+        concurrency: int,
+        pool: str = "prefork",
     ) -> None:
         self.app_module = app_module
+        self.pool = pool
         self.name = f"{name}-{uuid.uuid4().hex[:6]}"
         self.env = env
         self.concurrency = concurrency
@@ -43,7 +51,7 @@ class CeleryWorker:
     def command(self) -> list[str]:
         command = [
             sys.executable, "-m", "celery", "-A", self.app_module, "worker",
-            "-P", "prefork", "-c", str(self.concurrency), "-n", f"{self.name}@%h",
+            "-P", self.pool, "-c", str(self.concurrency), "-n", f"{self.name}@%h",
             "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
             f"--logfile={self.log}",
         ]  # fmt: skip

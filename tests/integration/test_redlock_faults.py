@@ -5,10 +5,14 @@ locking resumes when they come back."""
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +26,7 @@ RETRY_COUNT = 3
 RETRY_DELAY = 0.2
 MARGIN = 0.3
 FreshNodes = Callable[..., list[RedisServer]]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -99,6 +104,30 @@ def test_a_minority_paused_leaves_locking_working(
     assert len(durations) >= 10
     # At worst one node timeout per stalled node (see the test below).
     assert max(durations) < 2 * NODE_TIMEOUT + MARGIN, durations
+
+
+@pytest.mark.parametrize("green", ["gevent", "eventlet"])
+def test_under_gevent_or_eventlet_a_paused_node_costs_a_node_timeout_never_a_hang(
+    green: str, fresh_nodes: FreshNodes
+) -> None:
+    """Their monkey-patching puts their own socket class in place of the standard
+    one; such a socket waits in their hub under Python's timeout, so the kernel's
+    timeouts and a non-blocking recv flag do not hold for it (a paused node used to
+    hang the call for good)."""
+    pytest.importorskip(green)
+    three = fresh_nodes(3)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-m", "tests.integration.green_check", green,
+         ",".join(n.url for n in three), str(three[2].pid), str(NODE_TIMEOUT)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, (seconds, result) in steps.items():
+        assert seconds < 2 * NODE_TIMEOUT + MARGIN, (name, steps)
+        assert "LockNotAcquired" not in result, (name, steps)
+    assert steps["release"][1] == steps["release after"][1] == "True"
+    assert steps["holder"][1] == "None"
 
 
 def test_nodes_frozen_on_open_connections_cost_one_node_timeout_in_all(
