@@ -631,14 +631,11 @@ def _wait_ready(wire: _Wire, deadline: float) -> bool:
 def _readable(sock: Any, timeout: float) -> bool:
     """Wait up to ``timeout`` s until ``sock`` can be read (poll: any descriptor number,
     where select() fails from 1024 on)."""
-    if _POLL:
+    if hasattr(select, "poll"):  # looked up now: eventlet's patching deletes it
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
     return bool(select.select([sock], [], [], timeout)[0])  # pragma: no cover - no poll()
-
-
-_POLL = hasattr(select, "poll")
 
 
 def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int, settle: bool = True) -> bool:

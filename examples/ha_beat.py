@@ -68,11 +68,15 @@ def report() -> str:
 
 
 # django-celery-beat's DatabaseScheduler (schedules kept in the Django database)
-# with leader election: the mixin goes first in the bases. The import is guarded
-# so this module works without django-celery-beat installed.
+# with leader election: the mixin goes first in the bases. Defined only in a
+# Django project with django-celery-beat installed, so this module runs anywhere.
 try:
+    from django.conf import settings as django_settings
+
+    if not django_settings.configured:  # its models cannot load outside a project
+        raise ImportError("no Django project here (DJANGO_SETTINGS_MODULE is not set)")
     from django_celery_beat.schedulers import DatabaseScheduler
-except ImportError:  # django-celery-beat is not installed: no such scheduler here
+except ImportError:  # no Django project, or django-celery-beat is not installed
     HADatabaseScheduler = None
 else:
 

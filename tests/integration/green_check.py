@@ -6,7 +6,7 @@ come before every other import, and must not reach the test process)::
     python -m tests.integration.green_check gevent|eventlet SERVERS PID TIMEOUT
 
 ``SERVERS``: three lock nodes, comma-separated; ``PID``: the redis-server of
-the last one, which this process pauses (SIGSTOP) once its connections are
+the first one, which this process pauses (SIGSTOP) once its connections are
 open and resumes before it exits; ``TIMEOUT``: the per-node timeout. Prints
 one JSON object: how long each step took, in seconds, and what it returned.
 """
@@ -47,9 +47,11 @@ def main(servers: list[str], pid: int, timeout: float) -> dict[str, Any]:
         return result
 
     with Redlock(servers, node_timeout=timeout, retry_count=1) as rl:
-        rl.release(rl.acquire("green-warm", 10))  # every connection open, kernel-timed
+        rl.release(rl.acquire("green-warm", 10))  # every connection open
         os.kill(pid, signal.SIGSTOP)
         try:
+            # holder() reads every node: a read on the paused node's open connection.
+            timed("holder, one node paused", lambda: rl.holder("green-warm"))
             lock = timed("acquire, one node paused", lambda: rl.acquire("green-1", 10))
             timed("release", lambda: rl.release(lock))
             again = timed("acquire after", lambda: rl.acquire("green-2", 10))

@@ -26,7 +26,7 @@ import pytest
 from celery import current_app
 from celery.utils.imports import symbol_by_name
 
-from celery_redlock.beat import RedlockScheduler, RedlockSchedulerMixin
+from celery_redlock.beat import RedlockScheduler
 from tests.integration.celery_apps.helpers import server_url
 from tests.servers import RedisServer
 
@@ -187,10 +187,36 @@ def test_ha_beat_app_configures_the_redlock_scheduler(
     assert conf.redlock_servers == beat_env["REDLOCK_SERVERS"].split(",")
     assert conf.beat_schedule["report-every-10-s"] == {"task": "ha_beat.report", "schedule": 10.0}
     assert "ha_beat.report" in module.app.tasks
-    if importlib.util.find_spec("django_celery_beat") is None:
-        assert module.HADatabaseScheduler is None  # the guarded import, without the package
-    else:  # pragma: no cover - django-celery-beat is not a test dependency
-        assert issubclass(module.HADatabaseScheduler, RedlockSchedulerMixin)
+    # Outside a Django project (this process): no DatabaseScheduler to wrap.
+    assert module.HADatabaseScheduler is None
+
+
+def test_ha_beat_defines_its_database_scheduler_inside_a_django_project(
+    beat_env: dict[str, str],
+) -> None:
+    pytest.importorskip("django_celery_beat")
+    check = (
+        "import django, importlib.util, sys\n"
+        "from django.conf import settings\n"
+        "settings.configure(INSTALLED_APPS=['django_celery_beat'], USE_TZ=True,\n"
+        "    DATABASES={'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}})\n"
+        "django.setup()\n"
+        "spec = importlib.util.spec_from_file_location('ha_beat', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "from celery_redlock.beat import RedlockSchedulerMixin\n"
+        "from django_celery_beat.schedulers import DatabaseScheduler\n"
+        "cls = module.HADatabaseScheduler\n"
+        "print(issubclass(cls, RedlockSchedulerMixin), issubclass(cls, DatabaseScheduler),\n"
+        "      cls.redlock_standby_ticks)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check, str(EXAMPLES / "ha_beat.py")],
+        env={**beat_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "False"]
 
 
 @contextlib.contextmanager

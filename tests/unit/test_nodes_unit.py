@@ -579,3 +579,25 @@ def test_kombu_s_ssl_cert_reqs_spelling_is_taken_as_redis_py_s(given: str, taken
 def test_an_unknown_ssl_cert_reqs_is_refused_naming_it() -> None:
     with pytest.raises(RedlockConfigError, match="ssl_cert_reqs='CERT_MAYBE'"):
         parse_server("rediss://:pw@h:6380/0?ssl_cert_reqs=CERT_MAYBE")
+
+
+def test_only_the_standard_library_s_own_socket_counts_as_plain() -> None:
+    """Kernel timeouts and MSG_DONTWAIT reads are for it alone: not TLS, and not the
+    sockets gevent and eventlet put in its place when they monkey-patch."""
+    import socket
+    import ssl
+
+    with socket.socket() as plain, socket.socket(socket.AF_UNIX) as unix:
+        assert _nodes._plain_socket(plain)
+        assert _nodes._plain_socket(unix)
+        wrapped = ssl.create_default_context().wrap_socket(
+            socket.socket(), server_hostname="localhost", do_handshake_on_connect=False
+        )
+        with wrapped:
+            assert not _nodes._plain_socket(wrapped)
+    gevent_socket = pytest.importorskip("gevent.socket")
+    with gevent_socket.socket() as green:
+        assert not _nodes._plain_socket(green)
+    eventlet_socket = pytest.importorskip("eventlet.green.socket")
+    with eventlet_socket.socket() as green_too:
+        assert not _nodes._plain_socket(green_too)

@@ -67,6 +67,7 @@ def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
         redlock_servers=servers,
         redlock_beat_ttl=30.0,  # only a hand-over can be quick
         redlock_beat_poll=0.1,
+        redlock_beat_lock_key=f"redlock:beat:django-{mode}",
         timezone="UTC",
         beat_schedule={},
     )
