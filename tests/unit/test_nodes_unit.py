@@ -4,6 +4,9 @@ scripts, against fakeredis."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -595,9 +598,20 @@ def test_only_the_standard_library_s_own_socket_counts_as_plain() -> None:
         )
         with wrapped:
             assert not _nodes._plain_socket(wrapped)
-    gevent_socket = pytest.importorskip("gevent.socket")
-    with gevent_socket.socket() as green:
-        assert not _nodes._plain_socket(green)
-    eventlet_socket = pytest.importorskip("eventlet.green.socket")
-    with eventlet_socket.socket() as green_too:
-        assert not _nodes._plain_socket(green_too)
+    for green in ("gevent.socket", "eventlet.green.socket"):
+        if importlib.util.find_spec(green.split(".")[0]) is None:  # not imported here
+            pytest.skip(f"{green} is not installed")
+        # In a process of its own: importing eventlet hooks every later fork.
+        check = (
+            f"import {green} as green\n"
+            "from celery_redlock._nodes import _plain_socket\n"
+            "with green.socket() as sock:\n"
+            "    print(type(sock).__module__, _plain_socket(sock))\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-W", "ignore", "-c", check],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        module, plain = done.stdout.split()
+        assert module.startswith(green.split(".")[0]), module
+        assert plain == "False"
