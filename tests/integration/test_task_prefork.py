@@ -254,7 +254,8 @@ def test_on_green_pools_200_duplicates_never_overlap_and_leave_no_key(
     green: str,
 ) -> None:
     """Two ``-P gevent`` (or eventlet) workers of 20 greenlets each: the runs of
-    one key never overlap, the waiting ones all run, and no key is left held."""
+    one key never overlap, the waiting ones all run, no key is left held, and a
+    run's lock is renewed past its TTL."""
     if importlib.util.find_spec(green) is None:  # not imported here: it patches forks
         pytest.skip(f"{green} is not installed")
     setup = own_queue(redis_setup)
@@ -285,6 +286,15 @@ def test_on_green_pools_200_duplicates_never_overlap_and_leave_no_key(
             on = [n.client().exists(key) for n in redis_nodes[:3]]
             assert sum(on) < 2, (key, on)
             assert rl.holder(key.decode()) is None
+        # The renewer, a greenlet here, keeps a 3 s lock past its TTL while the body
+        # sleeps (and so yields), and the run's end frees it.
+        task = setup.task("short_sleeper")
+        result = task.delay(green, 4.5)
+        setup.worker_pid_of(result.id)
+        time.sleep(3.8)
+        assert holder(rl, task, green, 4.5) == result.id
+        result.get(timeout=RESULT_TIMEOUT)
+        assert holder(rl, task, green, 4.5) is None
     finally:
         for worker in workers:
             worker.kill()
