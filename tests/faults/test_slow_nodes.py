@@ -205,12 +205,17 @@ def slow_nodes_under_load(
     def load_of(hold: Hold) -> Load:
         return PATIENT if hold.client.startswith(PATIENT.name) else FAST
 
-    # No lock is ever granted with more validity than the latency left it.
+    # No lock is ever granted with more validity than the latency left it. Only
+    # attempts granted before the fault ended count: an attempt begun just before
+    # its end (a client process descheduled between noting the attempt's start and
+    # sending) may send once the delay is gone, and be answered at once.
     too_much = []
     for fault in run.faults:
         delay = fault.params["delay"]
         for hold in run.holds_during([fault], by_attempt=True):
             load = load_of(hold)
+            if not fault.covers(hold.start):
+                continue
             if len(fault.nodes) >= 3 and hold.validity > load.ttl - delay - drift(load.ttl):
                 too_much.append((fault.detail, hold))
     patient_past_ttl = [
