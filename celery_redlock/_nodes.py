@@ -410,7 +410,18 @@ class _Wire:
     fraction of a generic client's per-command work.
     """
 
-    __slots__ = ("buf", "conn", "health", "node", "owed", "raw", "sock", "timeout", "used")
+    __slots__ = (
+        "buf",
+        "conn",
+        "health",
+        "kernel_timed",
+        "node",
+        "owed",
+        "raw",
+        "sock",
+        "timeout",
+        "used",
+    )
 
     def __init__(self, node: Node, timeout: float, health: _Health | None = None) -> None:
         self.node = node
@@ -419,6 +430,8 @@ class _Wire:
         self.conn: Conn = None
         self.sock: Any = None
         self.raw = True
+        #: the kernel keeps this connection's timeouts (set at connect, see there)
+        self.kernel_timed = False
         self.used = False
         self.buf = b""
         #: replies still to read for commands of earlier calls (see Fanout.call),
@@ -465,7 +478,8 @@ class _Wire:
                 self.close()
                 raise
             self.used = False
-        if self.raw and _KERNEL_TIMEOUTS and _plain_socket(self.sock):
+        self.kernel_timed = self.raw and _KERNEL_TIMEOUTS and _plain_socket(self.sock)
+        if self.kernel_timed:
             # The kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
             # timeout would poll() before every send and receive.
             seconds = int(self.timeout)
@@ -573,7 +587,7 @@ class _Wire:
         ``b""`` when the connection ended or failed (``read()`` meets it again)."""
         sock = self.sock
         try:
-            if _DONTWAIT and _plain_socket(sock) and sock.gettimeout() is None:
+            if _DONTWAIT and self.kernel_timed:
                 # One syscall instead of select + recv. Only with kernel timeouts:
                 # under a Python timeout, recv() first waits for data.
                 try:
@@ -603,6 +617,7 @@ class _Wire:
     def close(self) -> None:
         conn, self.conn, self.sock, self.buf = self.conn, None, None, b""
         self.owed = []
+        self.kernel_timed = False
         if conn is not None:
             conn.disconnect()
 

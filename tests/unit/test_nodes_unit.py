@@ -472,6 +472,7 @@ def test_ready_never_waits_on_a_socket_with_a_python_timeout() -> None:
         a.settimeout(0.5)
         wire = _Wire.__new__(_Wire)
         wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", object(), False
+        wire.kernel_timed = False  # as connect() leaves a socket under a Python timeout
         started = time.monotonic()
         assert not wire.ready()
         assert time.monotonic() - started < 0.1
@@ -508,6 +509,7 @@ def test_owed_ready_waits_for_every_reply_owed_not_only_the_first(
         a.settimeout(python_timeout)
         wire = _Wire.__new__(_Wire)
         wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", object(), False
+        wire.kernel_timed = python_timeout is None  # as connect() sets it
         wire.owed = [None, lambda: b"EVAL"]
         assert not wire.owed_ready()
         b.sendall(b"+OK\r\n")  # the acquire's reply alone
@@ -557,6 +559,7 @@ def test_waiting_for_an_owed_reply_works_on_a_descriptor_above_1023(
         a.settimeout(python_timeout)
         wire = _Wire.__new__(_Wire)
         wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", object(), False
+        wire.kernel_timed = python_timeout is None  # as connect() sets it
         wire.owed = [lambda: b"EVAL"]
         assert not wire.owed_ready()
         threading.Timer(0.1, b.sendall, (b":1\r\n",)).start()
