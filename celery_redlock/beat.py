@@ -470,8 +470,7 @@ class RedlockSchedulerMixin:
             self.apply_entry(entry)  # says why, and steps down when the lock ran out
             return None
         result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
-        if not self._standby_tick:
-            self._sent[str(entry.name)] = time.time()
+        self._sent[str(entry.name)] = time.time()
         return result
 
     def close(self) -> None:
