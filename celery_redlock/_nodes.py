@@ -728,6 +728,10 @@ class Fanout:
         self._closes = 0
         _FANOUTS.add(self)
 
+    def cooling_until(self, i: int) -> float:
+        """Until when node ``i`` is skipped after a failure (monotonic; 0.0: it is not)."""
+        return self._health[i].down_until
+
     def _forget_connections(self) -> None:
         # In a forked child: the parent's sockets are not ours to use or shut down.
         self._idle = []

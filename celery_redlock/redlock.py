@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as NodeTimeout
 
-from . import _process, _scripts
+from . import _process, _resend, _scripts
 from ._nodes import UNREAD, Fanout, Node, classify, pack, parse_servers
 from ._wakeup import Listener
 from .exceptions import (
@@ -211,6 +212,7 @@ def _shutdown(fanout: Fanout, listener: Listener, held: dict[tuple[str, str], in
     parent's (``held`` maps each lock to the pid that took it).
     """
     listener.close()
+    _resend.drop(fanout)  # closed: nothing is sent again from here
     me = os.getpid()
     for (resource, value), pid in list(held.items()):
         if pid != me:
@@ -425,6 +427,7 @@ class Redlock:
         takeover: str | None = None,
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
+        _resend.forget(fanout, key, token)  # no late delete of this token from here
         start = time.monotonic()
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
@@ -484,9 +487,21 @@ class Redlock:
             fanout.script(_scripts.REASSIGN, (key,), (token, takeover, ttl_ms), targets=taken)
         if taken or kept:
             rest = [i for i in range(len(self.nodes)) if i not in taken and i not in kept]
-            fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
+            undone = fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
         else:
-            fanout.script(_scripts.RELEASE, (key,), (token,))
+            rest = list(range(len(self.nodes)))
+            undone = fanout.script(_scripts.RELEASE, (key,), (token,))
+        # The undo is sent again, when they answer, to the nodes it missed where the
+        # SET may be applied (it timed out there, or was applied): not where it was
+        # never sent (a node skipped, a connection refused).
+        missed = [
+            i
+            for i in rest
+            if isinstance(undone[i], Exception)
+            and (not isinstance(replies[i], Exception) or isinstance(replies[i], NodeTimeout))
+        ]
+        if missed:
+            _resend.resend(fanout, key, token, missed, start + ttl)
         too_slow = None
         if len(granted) >= self.quorum:
             too_slow = (
@@ -725,19 +740,25 @@ class Redlock:
                 _scripts.RELEASE, (key,), (token,), enough=self._enough_one
             )
         self._held.pop((resource, token), None)
-        self._just_released = (key, time.monotonic())
+        now = time.monotonic()
+        self._just_released = (key, now)
         deleted = sum(1 for r in replies if _is_one(r))
-        errors = [
-            classify(n, r, False) for n, r in zip(self.nodes, replies) if isinstance(r, Exception)
-        ]
-        if errors:
-            level = logging.WARNING if len(errors) >= self.quorum else logging.DEBUG
+        missed = [i for i, r in enumerate(replies) if isinstance(r, Exception)]
+        if missed:
+            if not (owner or prefix):  # sent again to those nodes until they answer
+                expires = lock.expires_at if isinstance(lock, Lock) else None
+                until = now + _resend.UNKNOWN_TTL_HORIZON if expires is None else expires + 1.0
+                _resend.resend(self._fanout, key, token, missed, until)
+            level = logging.WARNING if len(missed) >= self.quorum else logging.DEBUG
             self._log.log(
                 level,
-                "release of %r did not reach %d node(s): %s; their keys expire by TTL",
+                "release of %r did not reach %d node(s): %s; %s",
                 resource,
-                len(errors),
-                ", ".join(map(str, errors)),
+                len(missed),
+                ", ".join(str(classify(self.nodes[i], replies[i], False)) for i in missed),
+                "their keys expire by TTL"
+                if owner or prefix
+                else "it is sent again when they answer, until the key's TTL",
             )
         if isinstance(lock, Lock):
             lock.expires_at = time.monotonic() if lock.expires_at is not None else None
@@ -798,6 +819,7 @@ class Redlock:
         known = lock.expires_at
         if known is not None and start >= known:
             return False
+        _resend.forget(self._fanout, lock.resource.encode(), new_value)
         replies = self._fanout.script(
             _scripts.REASSIGN, (lock.resource.encode(),), (lock.value, new_value, ttl_ms)
         )

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from celery_redlock import LockNotAcquired, Redlock, Vote, _nodes
+from celery_redlock import LockNotAcquired, Redlock, Vote, _nodes, _resend
 from tests.servers import RedisServer
 
 N = 5
@@ -224,6 +224,94 @@ def test_a_majority_paused_fails_fast_then_recovers_on_resume(
     assert rl.release(lock) is True
     fresh = rl.acquire("untouched", 10)
     assert [node.client().get("untouched") for node in nodes] == [fresh.value.encode()] * N
+
+
+def holders(nodes: list[RedisServer], key: str) -> list[bytes | None]:
+    return [node.client().get(key) for node in nodes]
+
+
+def wait_until_free(nodes: list[RedisServer], key: str, seconds: float) -> float:
+    """Seconds until no node holds ``key`` (fails after ``seconds``, naming the holders)."""
+    started = time.monotonic()
+    while any(holders(nodes, key)):
+        if time.monotonic() - started > seconds:
+            pytest.fail(f"{key!r} still held after {seconds} s: {holders(nodes, key)}")
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_failed_attempt_on_a_majority_that_stalled_and_resumed_leaves_no_key(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """The SETs a stalled majority applies when it wakes (their replies timed out, so
+    the undo skipped those nodes) are deleted once they answer, not held for the TTL:
+    no other contender is refused for 30 s with no one behind the key."""
+    rl = manager(retry_count=0)
+    down = [nodes[0], nodes[2], nodes[4]]
+    for node in down:
+        node.pause()
+    with pytest.raises(LockNotAcquired) as caught:
+        rl.acquire("orphan", 30)
+    assert caught.value.unavailable
+    for node in down:
+        node.resume()
+    time.sleep(0.2)  # the woken nodes apply the SETs queued on the timed-out connections
+    assert [bool(h) for h in holders(nodes, "orphan")] == [True, False, True, False, True]
+    freed_in = wait_until_free(nodes, "orphan", _nodes.NODE_COOLDOWN + 2.0)
+    assert freed_in < _nodes.NODE_COOLDOWN + 2.0
+    other = Redlock([node.url for node in nodes], node_timeout=NODE_TIMEOUT, retry_count=0)
+    try:
+        lock = other.acquire("orphan", 10)  # another contender gets it at once
+        assert holders(nodes, "orphan") == [lock.value.encode()] * N
+    finally:
+        other.close()
+
+
+def test_a_release_that_missed_a_majority_is_sent_again_when_they_answer(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """A release made while a majority is skipped (its cool-down after a stall) reaches
+    them once they answer again; the lock is not held on a quorum until its TTL."""
+    rl = manager(retry_count=0)
+    lock = rl.acquire("held", 30)
+    down = [nodes[1], nodes[2], nodes[3]]
+    for node in down:
+        node.pause()
+    assert rl.extend(lock, 30) is False  # times out there: those nodes cool down
+    for node in down:
+        node.resume()
+    assert rl.release(lock) is False  # skipped on the cooling majority
+    assert [bool(h) for h in holders(nodes, "held")] == [False, True, True, True, False]
+    wait_until_free(nodes, "held", _nodes.NODE_COOLDOWN + 2.0)
+
+
+def test_a_late_release_never_deletes_the_same_token_taken_again(
+    nodes: list[RedisServer], manager: Callable[..., Redlock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release kept for re-sending is dropped when this manager takes the key with
+    the same token again: the new lock is not deleted by the late send."""
+    # The first re-send 2 s after the release (not when the cool-down ends), so the
+    # key is taken again, on every node, before it is due.
+    monkeypatch.setattr(
+        _resend.Resender, "_due", staticmethod(lambda fanout, nodes, now: now + 2.0)
+    )
+    rl = manager(retry_count=0)
+    lock = rl.acquire("again", 30, "same-token")
+    down = [nodes[1], nodes[2], nodes[3]]
+    for node in down:
+        node.pause()
+    assert rl.extend(lock, 30) is False
+    for node in down:
+        node.resume()
+    kept = len(_resend.get_resender())
+    assert rl.release(lock) is False  # kept, to be sent again to the cooling nodes
+    assert len(_resend.get_resender()) == kept + 1
+    time.sleep(_nodes.NODE_COOLDOWN + 0.1)  # the cool-down is over, the re-send not due
+    again = rl.acquire("again", 30, "same-token")
+    assert len(_resend.get_resender()) == kept
+    time.sleep(1.5)  # past when the re-send was due
+    assert holders(nodes, "again") == [b"same-token"] * N
+    assert rl.release(again) is True
 
 
 # --------------------------------------------------------------------------

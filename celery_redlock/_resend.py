@@ -1,0 +1,252 @@
+"""Releases that did not reach every node, sent again once the node answers.
+
+A release, or a failed attempt's undo, that a node did not get (it timed
+out, refused the connection, or was skipped during its cool-down after a
+failure) would leave the key there until its TTL. When the nodes left out
+were a majority (they stalled past the node timeout together, then came
+back), that key is held on a quorum with no one behind it: every other
+contender is refused until it expires.
+
+So such a delete is kept here and sent again, only to the nodes that did
+not get it, from one daemon thread per process: first when their cool-down
+ends, then with a doubling delay, until each node answered or the key
+would have expired by its TTL anyway. A node that answers "not held" is
+asked once more a cool-down later, because a SET left queued on a
+connection that timed out can be applied after a delete sent on a new
+one. The delete is the token-checked release script: it never removes a
+key that another token holds.
+
+A new acquire or hand-over of the same key and token in this process
+first drops what is kept for them (waiting for a send in flight), so a
+late delete never removes a lock taken again with the same token. A
+forked child keeps nothing of its parent's.
+
+This module does not import celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from . import _process, _scripts
+from ._nodes import NODE_COOLDOWN, Fanout
+
+__all__ = ["Resender", "drop", "forget", "get_resender", "resend"]
+
+_log = logging.getLogger("celery_redlock.redlock")
+
+#: Longest wait between two sends to a node that still does not answer (seconds).
+MAX_BACKOFF = 8.0
+#: Seconds a release of unknown TTL (by name) is sent again at most.
+UNKNOWN_TTL_HORIZON = 300.0
+
+
+@dataclass(eq=False)
+class _Item:
+    fanout: weakref.ref[Fanout]
+    key: bytes
+    token: str
+    #: node indexes still to be sent the delete
+    targets: set[int]
+    due: float
+    until: float
+    backoff: float = NODE_COOLDOWN
+    #: nodes that answered "not held" once: asked once more, then left
+    answered: set[int] = field(default_factory=set)
+    #: dropped by forget() while it was being sent: not kept after that send
+    gone: bool = False
+
+
+class Resender:
+    """Sends kept deletes again from one daemon thread, started on first use."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._items: list[_Item] = []
+        #: the items being sent now (taken off ``_items``)
+        self._sending: list[_Item] = []
+        self._thread: threading.Thread | None = None
+        #: deletes that freed a key, for the tests and logs
+        self.freed = 0
+
+    def _ensure_own(self) -> None:
+        if self._pid != _process.pid():  # a forked child: nothing of the parent's is ours
+            self._reset()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items) + len(self._sending)
+
+    def add(
+        self, fanout: Fanout, key: bytes, token: str, targets: Iterable[int], until: float
+    ) -> None:
+        """Send the release of ``key`` holding ``token`` again to ``targets`` until ``until``."""
+        nodes = set(targets)
+        if not nodes:
+            return
+        self._ensure_own()
+        now = self.clock()
+        item = _Item(weakref.ref(fanout), key, token, nodes, self._due(fanout, nodes, now), until)
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="celery-redlock-resender", daemon=True
+                )
+                self._thread.start()
+
+    def forget(self, fanout: Fanout, key: bytes, token: str) -> None:
+        """Drop what is kept for ``key`` and ``token``; returns once none is being sent."""
+        if not self._items and not self._sending:
+            return
+        with self._cond:
+            self._items = [i for i in self._items if not _same(i, fanout, key, token)]
+            for item in self._sending:
+                if _same(item, fanout, key, token):
+                    item.gone = True  # the thread does not keep it after this send
+            while any(_same(i, fanout, key, token) for i in self._sending):
+                self._cond.wait(1.0)
+
+    def drop(self, fanout: Fanout) -> None:
+        """Drop everything kept for ``fanout`` (its manager is closed)."""
+        if not self._items:
+            return
+        with self._cond:
+            self._items = [i for i in self._items if i.fanout() is not fanout]
+
+    @staticmethod
+    def _due(fanout: Fanout, nodes: set[int], now: float) -> float:
+        """When the cool-down of the nodes ends (the first of them), at least a moment
+        from now."""
+        ends = [fanout.cooling_until(i) for i in nodes]
+        return max(now + 0.05, min(ends) + 0.01)
+
+    # -- the thread ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._thread is not threading.current_thread():
+                        return
+                    now = self.clock()
+                    due = [i for i in self._items if i.due <= now]
+                    if due:
+                        break
+                    if not self._items:
+                        self._cond.wait(60.0)
+                        if not self._items:
+                            self._thread = None  # idle: the next add starts another
+                            return
+                        continue
+                    self._cond.wait(min(i.due for i in self._items) - now)
+                self._items = [i for i in self._items if i.due > now]
+                self._sending = due
+            kept = []
+            for item in due:
+                try:
+                    if self._send(item):
+                        kept.append(item)
+                except Exception:  # never let the thread die
+                    _log.exception("sending the release of %r again failed", item.key)
+            with self._cond:
+                self._sending = []
+                self._items.extend(i for i in kept if not i.gone)
+                self._cond.notify_all()  # a forget() waiting for a send in flight
+
+    def _send(self, item: _Item) -> bool:
+        """Send ``item``'s delete to its nodes once; True while it is to be sent again."""
+        fanout = item.fanout()
+        now = self.clock()
+        if fanout is None or now >= item.until:
+            return False
+        targets = sorted(item.targets)
+        replies = fanout.script(_scripts.RELEASE, (item.key,), (item.token,), targets=targets)
+        failed = set()
+        for i in targets:
+            reply = replies[i]
+            if isinstance(reply, Exception):
+                failed.add(i)
+            elif reply == 1 and type(reply) is int:
+                item.targets.discard(i)
+                self.freed += 1
+                _log.info(
+                    "lock %r: a release that had not reached %s was sent again and freed it",
+                    item.key.decode(errors="replace"),
+                    fanout.nodes[i].name,
+                )
+            elif i in item.answered:
+                item.targets.discard(i)
+            else:
+                item.answered.add(i)
+        if not item.targets:
+            return False
+        now = self.clock()
+        if failed:
+            item.due = max(now + item.backoff, self._due(fanout, failed, now))
+            item.backoff = min(MAX_BACKOFF, 2 * item.backoff)
+        else:
+            item.due = now + NODE_COOLDOWN
+        return True
+
+
+def _same(item: _Item, fanout: Fanout, key: bytes, token: str) -> bool:
+    return item.key == key and item.token == token and item.fanout() is fanout
+
+
+_resender: Resender | None = None
+_guard = threading.Lock()
+
+
+def get_resender() -> Resender:
+    """This process's :class:`Resender` (a forked child gets its own)."""
+    global _resender
+    resender = _resender
+    if resender is None:
+        with _guard:
+            if _resender is None:
+                _resender = Resender()
+            resender = _resender
+    return resender
+
+
+def resend(fanout: Fanout, key: bytes, token: str, targets: Iterable[int], until: float) -> None:
+    """Keep a delete that ``targets`` did not get; see :meth:`Resender.add`."""
+    get_resender().add(fanout, key, token, targets, until)
+
+
+def forget(fanout: Fanout, key: bytes, token: str) -> None:
+    """Before ``key`` is taken with ``token`` again: no late delete of it from here."""
+    resender = _resender
+    if resender is not None:
+        resender.forget(fanout, key, token)
+
+
+def drop(fanout: Fanout) -> None:
+    """``fanout``'s manager is closed: nothing kept for it is sent again."""
+    resender = _resender
+    if resender is not None:
+        resender.drop(fanout)
+
+
+def _after_fork_in_child() -> None:
+    global _guard
+    _guard = threading.Lock()
+    if _resender is not None:
+        _resender._reset()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
