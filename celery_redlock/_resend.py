@@ -1,25 +1,29 @@
 """Releases that did not reach every node, sent again once the node answers.
 
 A release, or a failed attempt's undo, that a node did not get (it timed
-out, refused the connection, or was skipped during its cool-down after a
-failure) would leave the key there until its TTL. When the nodes left out
-were a majority (they stalled past the node timeout together, then came
-back), that key is held on a quorum with no one behind it: every other
-contender is refused until it expires.
+out, or was skipped during its cool-down after a failure) would leave the
+key there until its TTL. When the nodes left out were a majority (they
+stalled past the node timeout together, then came back), that key is held
+on a quorum with no one behind it: every other contender is refused until
+it expires.
 
 So such a delete is kept here and sent again, only to the nodes that did
 not get it, from one daemon thread per process: first when their cool-down
 ends, then with a doubling delay, until each node answered or the key
 would have expired by its TTL anyway. A node that answers "not held" is
-asked once more a cool-down later, because a SET left queued on a
+asked once more at the next send, because a SET left queued on a
 connection that timed out can be applied after a delete sent on a new
 one. The delete is the token-checked release script: it never removes a
-key that another token holds.
+key that another token holds. :class:`~celery_redlock.redlock.Redlock`
+keeps only what it knows the TTL of, with a token it knows is not taken
+again elsewhere: the release of a ``Lock`` it armed, and the undo of an
+attempt with a new token.
 
 A new acquire or hand-over of the same key and token in this process
 first drops what is kept for them (waiting for a send in flight), so a
-late delete never removes a lock taken again with the same token. A
-forked child keeps nothing of its parent's.
+late delete never removes a lock taken again with the same token; closing
+the manager drops what it kept. A forked child keeps nothing of its
+parent's.
 
 This module does not import celery.
 """
@@ -43,8 +47,6 @@ _log = logging.getLogger("celery_redlock.redlock")
 
 #: Longest wait between two sends to a node that still does not answer (seconds).
 MAX_BACKOFF = 8.0
-#: Seconds a release of unknown TTL (by name) is sent again at most.
-UNKNOWN_TTL_HORIZON = 300.0
 
 
 @dataclass(eq=False)
@@ -59,12 +61,19 @@ class _Item:
     backoff: float = NODE_COOLDOWN
     #: nodes that answered "not held" once: asked once more, then left
     answered: set[int] = field(default_factory=set)
-    #: dropped by forget() while it was being sent: not kept after that send
+    #: being sent now, by the thread (outside the condition's lock)
+    sending: bool = False
+    #: dropped (forget, drop): never sent again, removed once not being sent
     gone: bool = False
 
 
 class Resender:
-    """Sends kept deletes again from one daemon thread, started on first use."""
+    """Sends kept deletes again from one daemon thread, started on first use.
+
+    An item stays in ``_items`` while the thread sends it, so a ``forget`` or
+    ``drop`` always finds it: it is marked gone, and the caller waits until no
+    send of it is in flight.
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -74,10 +83,8 @@ class Resender:
         self._pid = os.getpid()
         self._cond = threading.Condition(threading.Lock())
         self._items: list[_Item] = []
-        #: the items being sent now (taken off ``_items``)
-        self._sending: list[_Item] = []
         self._thread: threading.Thread | None = None
-        #: deletes that freed a key, for the tests and logs
+        #: deletes that freed a key (the tests read it)
         self.freed = 0
 
     def _ensure_own(self) -> None:
@@ -86,7 +93,12 @@ class Resender:
 
     def __len__(self) -> int:
         with self._cond:
-            return len(self._items) + len(self._sending)
+            return sum(1 for i in self._items if not i.gone)
+
+    def pending(self, key: bytes) -> int:
+        """How many deletes of ``key`` are kept (the tests read it)."""
+        with self._cond:
+            return sum(1 for i in self._items if i.key == key and not i.gone)
 
     def add(
         self, fanout: Fanout, key: bytes, token: str, targets: Iterable[int], until: float
@@ -102,29 +114,51 @@ class Resender:
             self._items.append(item)
             self._cond.notify_all()
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(
+                thread = threading.Thread(
                     target=self._run, name="celery-redlock-resender", daemon=True
                 )
-                self._thread.start()
+                try:
+                    thread.start()
+                except RuntimeError:  # the interpreter is shutting down: keys expire by TTL
+                    self._items.remove(item)
+                    return
+                self._thread = thread
 
-    def forget(self, fanout: Fanout, key: bytes, token: str) -> None:
-        """Drop what is kept for ``key`` and ``token``; returns once none is being sent."""
-        if not self._items and not self._sending:
-            return
+    def forget(self, fanout: Fanout, key: bytes, token: str) -> tuple[set[int], float] | None:
+        """Drop what is kept for ``key`` and ``token``, once no send of it is in flight.
+
+        Returns the nodes it was still to reach and until when (None: nothing
+        was kept), for a caller that fails to take the key to keep it again.
+        """
+        if not self._items:  # (items leave the list only after their send)
+            return None
+        targets: set[int] = set()
+        until = 0.0
         with self._cond:
-            self._items = [i for i in self._items if not _same(i, fanout, key, token)]
-            for item in self._sending:
-                if _same(item, fanout, key, token):
-                    item.gone = True  # the thread does not keep it after this send
-            while any(_same(i, fanout, key, token) for i in self._sending):
+            mine = [i for i in self._items if _same(i, fanout, key, token) and not i.gone]
+            if not mine:
+                return None
+            for item in mine:
+                item.gone = True
+                targets |= item.targets
+                until = max(until, item.until)
+            self._remove_idle_gone()
+            while any(i.sending for i in mine):
                 self._cond.wait(1.0)
+        return targets, until
 
     def drop(self, fanout: Fanout) -> None:
         """Drop everything kept for ``fanout`` (its manager is closed)."""
         if not self._items:
             return
         with self._cond:
-            self._items = [i for i in self._items if i.fanout() is not fanout]
+            for item in self._items:
+                if item.fanout() is fanout:
+                    item.gone = True
+            self._remove_idle_gone()
+
+    def _remove_idle_gone(self) -> None:
+        self._items = [i for i in self._items if not i.gone or i.sending]
 
     @staticmethod
     def _due(fanout: Fanout, nodes: set[int], now: float) -> float:
@@ -142,7 +176,7 @@ class Resender:
                     if self._thread is not threading.current_thread():
                         return
                     now = self.clock()
-                    due = [i for i in self._items if i.due <= now]
+                    due = [i for i in self._items if i.due <= now and not i.gone]
                     if due:
                         break
                     if not self._items:
@@ -152,19 +186,21 @@ class Resender:
                             return
                         continue
                     self._cond.wait(min(i.due for i in self._items) - now)
-                self._items = [i for i in self._items if i.due > now]
-                self._sending = due
-            kept = []
+                for item in due:
+                    item.sending = True
             for item in due:
+                keep = False
                 try:
-                    if self._send(item):
-                        kept.append(item)
-                except Exception:  # never let the thread die
+                    keep = not item.gone and self._send(item)
+                except Exception:  # never let the thread die; this delete is dropped
                     _log.exception("sending the release of %r again failed", item.key)
-            with self._cond:
-                self._sending = []
-                self._items.extend(i for i in kept if not i.gone)
-                self._cond.notify_all()  # a forget() waiting for a send in flight
+                finally:
+                    with self._cond:
+                        item.sending = False
+                        if not keep:
+                            item.gone = True
+                        self._remove_idle_gone()
+                        self._cond.notify_all()  # a forget() waiting for this send
 
     def _send(self, item: _Item) -> bool:
         """Send ``item``'s delete to its nodes once; True while it is to be sent again."""
@@ -227,11 +263,15 @@ def resend(fanout: Fanout, key: bytes, token: str, targets: Iterable[int], until
     get_resender().add(fanout, key, token, targets, until)
 
 
-def forget(fanout: Fanout, key: bytes, token: str) -> None:
-    """Before ``key`` is taken with ``token`` again: no late delete of it from here."""
+def forget(fanout: Fanout, key: bytes, token: str) -> tuple[set[int], float] | None:
+    """Before ``key`` is taken with ``token`` again: no late delete of it from here.
+
+    What was kept, for an attempt that fails to keep again (see :meth:`Resender.forget`).
+    """
     resender = _resender
-    if resender is not None:
-        resender.forget(fanout, key, token)
+    if resender is None:
+        return None
+    return resender.forget(fanout, key, token)
 
 
 def drop(fanout: Fanout) -> None:

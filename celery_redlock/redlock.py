@@ -172,6 +172,9 @@ class Lock:
     expires_at: float | None = None
     fence: int | None = None
     manager: Redlock | None = field(default=None, repr=False, compare=False)
+    #: the latest time (monotonic) the key could live to, from what this handle
+    #: armed it with (acquire, extend); 0.0 for a handle built by hand
+    _armed: float = field(default=0.0, init=False, repr=False, compare=False)
 
     def _manager(self) -> Redlock:
         if self.manager is None:
@@ -427,7 +430,8 @@ class Redlock:
         takeover: str | None = None,
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         fanout = self._fanout
-        _resend.forget(fanout, key, token)  # no late delete of this token from here
+        # No late delete of this token from here; kept again below if this attempt fails.
+        carried = _resend.forget(fanout, key, token)
         start = time.monotonic()
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
@@ -475,6 +479,7 @@ class Redlock:
         validity = ttl - elapsed - drift
         if len(granted) >= self.quorum and validity > 0:
             lock = Lock(resource, token, validity, start + ttl - drift, fence, self)
+            lock._armed = start + ttl
             if self.auto_release:
                 self._held[(resource, token)] = _process.pid()
             return lock, [], None
@@ -491,17 +496,25 @@ class Redlock:
         else:
             rest = list(range(len(self.nodes)))
             undone = fanout.script(_scripts.RELEASE, (key,), (token,))
-        # The undo is sent again, when they answer, to the nodes it missed where the
-        # SET may be applied (it timed out there, or was applied): not where it was
-        # never sent (a node skipped, a connection refused).
-        missed = [
-            i
-            for i in rest
-            if isinstance(undone[i], Exception)
-            and (not isinstance(replies[i], Exception) or isinstance(replies[i], NodeTimeout))
-        ]
+        # A new token's undo (one made here, or a run's own taking over) is sent again,
+        # when they answer, to the nodes it missed where the SET may be applied (it
+        # timed out there, or was applied); not where it was never sent (a node
+        # skipped, a connection refused). A token the caller gave may be the caller's
+        # own hold, re-entered: a late delete is not ours to send.
+        missed = set()
+        if fresh or takeover is not None:
+            missed = {
+                i
+                for i in rest
+                if isinstance(undone[i], Exception)
+                and (not isinstance(replies[i], Exception) or isinstance(replies[i], NodeTimeout))
+            }
+        until = start + ttl
+        if carried is not None:  # what an earlier attempt or release left to send
+            missed |= carried[0]
+            until = max(until, carried[1])
         if missed:
-            _resend.resend(fanout, key, token, missed, start + ttl)
+            _resend.resend(fanout, key, token, missed, until)
         too_slow = None
         if len(granted) >= self.quorum:
             too_slow = (
@@ -745,10 +758,13 @@ class Redlock:
         deleted = sum(1 for r in replies if _is_one(r))
         missed = [i for i, r in enumerate(replies) if isinstance(r, Exception)]
         if missed:
-            if not (owner or prefix):  # sent again to those nodes until they answer
-                expires = lock.expires_at if isinstance(lock, Lock) else None
-                until = now + _resend.UNKNOWN_TTL_HORIZON if expires is None else expires + 1.0
-                _resend.resend(self._fanout, key, token, missed, until)
+            # A Lock this manager armed: its TTL is known, so its release is sent again
+            # to those nodes until they answer or the key has expired anyway. Not a
+            # release by name (its TTL unknown, its token maybe taken again elsewhere).
+            again = isinstance(lock, Lock) and lock._armed > 0.0 and not (owner or prefix)
+            if again:
+                assert isinstance(lock, Lock)
+                _resend.resend(self._fanout, key, token, missed, max(now, lock._armed))
             level = logging.WARNING if len(missed) >= self.quorum else logging.DEBUG
             self._log.log(
                 level,
@@ -756,9 +772,9 @@ class Redlock:
                 resource,
                 len(missed),
                 ", ".join(str(classify(self.nodes[i], replies[i], False)) for i in missed),
-                "their keys expire by TTL"
-                if owner or prefix
-                else "it is sent again when they answer, until the key's TTL",
+                "it is sent again when they answer, until the key's TTL"
+                if again
+                else "their keys expire by TTL",
             )
         if isinstance(lock, Lock):
             lock.expires_at = time.monotonic() if lock.expires_at is not None else None
@@ -787,6 +803,8 @@ class Redlock:
             if strict:
                 raise LockExtendError(resource, message=f"lock {resource!r} expired before extend")
             return False
+        if isinstance(lock, Lock) and lock._armed > 0.0:
+            lock._armed = max(lock._armed, start + ttl + self.node_timeout)  # even if it times out
         replies = self._fanout.script(_scripts.EXTEND, (resource.encode(),), (token, ttl_ms))
         now = time.monotonic()
         yes = [i for i, r in enumerate(replies) if r == 1 and type(r) is int]
@@ -832,6 +850,7 @@ class Redlock:
         if taker is not None:
             self._held[(lock.resource, new_value)] = taker
         lock.value = new_value
+        lock._armed = 0.0  # a reservation others take over: its release is not sent again
         lock.validity = validity
         lock.expires_at = start + ttl - (self.drift_factor * ttl + DRIFT_CONSTANT)
         return True

@@ -852,7 +852,9 @@ class RedlockTask(Task):  # type: ignore[misc]
             try:
                 return send(task_id=task_id, **options)
             except BaseException:
-                manager.release(outcome)
+                # By name: a bare task id may be taken again (a send retried with it),
+                # so a release that missed nodes is not sent to them later.
+                manager.release(key, task_id)
                 raise
         if isinstance(outcome, LockNotAcquired):
             if settings.on_unavailable == "run" or given:
