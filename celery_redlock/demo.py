@@ -601,6 +601,11 @@ _STOPPED: list[int] = []
 
 def _raise_exit(signum: int, frame: types.FrameType | None) -> None:
     _STOPPED.append(signum)
+    # From the first stop signal on, the demo is ending: its clean-up is bounded
+    # (SIGTERM, then SIGKILL after STOP_TIMEOUT), and a second Ctrl-C must neither
+    # cut it short nor turn the exit status into a death by SIGINT.
+    for stop in _STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
     _check_stop()
 
 
@@ -614,18 +619,28 @@ def _check_stop() -> None:
 
 @contextlib.contextmanager
 def _exit_on_stop_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM unwind the demo, so the ``finally`` blocks stop every child."""
+    """SIGINT and SIGTERM unwind the demo, so the ``finally`` blocks stop every child.
+
+    After a stop signal both stay ignored (the process is exiting); otherwise the
+    handlers from before are put back.
+    """
     _STOPPED.clear()
     previous = {signum: signal.signal(signum, _raise_exit) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        if not _STOPPED:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
-    """``python -m celery_redlock demo [--seconds S] [--json] [--keep]``."""
+    """``python -m celery_redlock demo [--seconds S] [--json] [--keep]``.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the demo and every process it started
+    (status 130 or 143); further stop signals are then ignored, also after
+    this returns: the process is exiting.
+    """
     stream = out or sys.stdout
     parser = argparse.ArgumentParser(
         prog="python -m celery_redlock",
