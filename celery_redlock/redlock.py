@@ -624,11 +624,18 @@ class Redlock:
                     )
                 except BaseException:
                     # Interrupted (a signal handler's exception, such as a soft time
-                    # limit): nodes may have been set; undo, then let it propagate.
-                    # Not for a token the caller gave without a takeover: it may be
-                    # the caller's own hold, re-entered, which is not ours to delete.
-                    if value is None or takeover is not None:
-                        with contextlib.suppress(Exception):
+                    # limit or a SIGTERM): nodes may have been set; undo, then let it
+                    # propagate. A takeover gives the key back to the token it took it
+                    # from (a hand-over's, a task id's reservation), so what that token
+                    # carried is not lost. Not for a token the caller gave without a
+                    # takeover: it may be the caller's own hold, re-entered, which is
+                    # not ours to delete.
+                    with contextlib.suppress(Exception):
+                        if takeover is not None:
+                            self._fanout.script(
+                                _scripts.REASSIGN, (key,), (token, takeover, ttl_ms)
+                            )
+                        elif value is None:
                             self._fanout.script(_scripts.RELEASE, (key,), (token,))
                     raise
                 if lock is not None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from celery_redlock import LockNotAcquired, Redlock, Vote, _nodes, _resend
+from celery_redlock import LockNotAcquired, Redlock, Vote, _nodes, _resend, _scripts
 from tests.servers import RedisServer
 
 N = 5
@@ -418,6 +418,40 @@ def test_an_acquire_interrupted_mid_call_leaves_no_key_behind(
     values = [node.client().get("interrupted") for node in nodes[1:]]
     assert values == [None] * (N - 1)
     assert rl.holder("interrupted") is None
+
+
+def test_a_takeover_interrupted_mid_call_gives_the_key_back_to_the_token_it_took(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """A takeover (a beat taking a hand-over, a run taking its task id's reservation)
+    interrupted after the nodes that answer applied it (a SIGTERM's SystemExit) gives
+    the key back to the token it took it from: the hand-over's content, or the
+    reservation, is not destroyed, and the next taker still finds it on a quorum."""
+    rl = manager(node_timeout=1.0)
+    handed = 'handover:{"sent": {"every-minute": 1700000000.0}}'
+    reservation = rl.acquire("handed", 30, handed)
+    assert holders(nodes, "handed") == [handed.encode()] * N
+    fanout = rl._fanout
+    plain_script = fanout.script
+
+    def script(script: Any, *args: Any, **kwargs: Any) -> Any:
+        if script is _scripts.ACQUIRE:  # the takeover, after the SET NX every node refused
+            nodes[0].pause()  # its reply is awaited first: the others apply it meanwhile
+        return plain_script(script, *args, **kwargs)
+
+    fanout.script = script  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Interrupted), interrupted_after(0.3):
+            rl.acquire("handed", 30, "new-leader", retry_count=0, takeover=reservation.value)
+    finally:
+        nodes[0].resume()
+        fanout.script = plain_script  # type: ignore[method-assign]
+    # The paused node may still apply the takeover it had not read (a minority).
+    assert holders(nodes, "handed")[1:] == [handed.encode()] * (N - 1)
+    assert rl.holder("handed") == handed
+    other = manager()
+    lock = other.acquire("handed", 30, "next-leader", takeover=handed)
+    assert rl.holder("handed") == lock.value
 
 
 def test_a_reconnect_and_an_owed_reply_on_stalled_nodes_cost_one_timeout_together(
