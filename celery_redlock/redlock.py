@@ -206,6 +206,18 @@ class Lock:
         self.release()
 
 
+class _Trail:
+    """What one attempt did so far: what an undo needs when it is interrupted."""
+
+    __slots__ = ("carried", "scripted")
+
+    def __init__(self) -> None:
+        #: what an earlier attempt or release left to send again (see _resend.forget)
+        self.carried: tuple[set[int], float] | None = None
+        #: the nodes a takeover script was sent to
+        self.scripted: list[int] = []
+
+
 def _shutdown(fanout: Fanout, listener: Listener, held: dict[tuple[str, str], int]) -> None:
     """Close a manager: release ``held`` (auto_release), stop the listener, close connections.
 
@@ -428,10 +440,15 @@ class Redlock:
         fencing: bool,
         fresh: bool = False,
         takeover: str | None = None,
+        trail: _Trail | None = None,
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
+        """One attempt on every node. ``trail`` notes, as it goes, what the undo of an
+        interrupted attempt needs (see :meth:`acquire`)."""
         fanout = self._fanout
         # No late delete of this token from here; kept again below if this attempt fails.
         carried = _resend.forget(fanout, key, token)
+        if trail is not None:
+            trail.carried = carried
         start = time.monotonic()
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
@@ -439,6 +456,8 @@ class Redlock:
         # codes: each node's ACQUIRE answer (1 set, 2 taken over, 3 re-armed, 0 held)
         if fencing:
             fence_key = key + FENCE_SUFFIX.encode()
+            if trail is not None and takeover is not None:
+                trail.scripted = list(range(len(self.nodes)))
             replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), args)
             read = [r for r in replies if isinstance(r, list) and len(r) == 3]
             codes: list[Any] = [r[0] if isinstance(r, list) and r else None for r in replies]
@@ -454,6 +473,8 @@ class Redlock:
                 # Nodes holding a token: the script takes it over where it is
                 # ``takeover`` (also past a quorum, so the reservation does not linger
                 # there; a node left unread at quorum may keep it until it expires).
+                if trail is not None:
+                    trail.scripted = held
                 again = fanout.script(_scripts.ACQUIRE, (key,), args, targets=held)
                 for i in held:
                     replies[i] = codes[i] = again[i]
@@ -618,25 +639,13 @@ class Redlock:
                 tried += 1
                 if wakeup is not None:
                     wakeup.clear()
+                trail = _Trail()
                 try:
                     lock, votes, too_slow = self._attempt(
-                        resource, key, token, ttl, ttl_ms, fencing, value is None, takeover
+                        resource, key, token, ttl, ttl_ms, fencing, value is None, takeover, trail
                     )
                 except BaseException:
-                    # Interrupted (a signal handler's exception, such as a soft time
-                    # limit or a SIGTERM): nodes may have been set; undo, then let it
-                    # propagate. A takeover gives the key back to the token it took it
-                    # from (a hand-over's, a task id's reservation), so what that token
-                    # carried is not lost. Not for a token the caller gave without a
-                    # takeover: it may be the caller's own hold, re-entered, which is
-                    # not ours to delete.
-                    with contextlib.suppress(Exception):
-                        if takeover is not None:
-                            self._fanout.script(
-                                _scripts.REASSIGN, (key,), (token, takeover, ttl_ms)
-                            )
-                        elif value is None:
-                            self._fanout.script(_scripts.RELEASE, (key,), (token,))
+                    self._undo_interrupted(key, token, ttl_ms, value is None, takeover, trail)
                     raise
                 if lock is not None:
                     return lock
@@ -659,6 +668,39 @@ class Redlock:
         if error.unavailable:
             self._log.log(logging.WARNING, "%s", error)
         raise error
+
+    def _undo_interrupted(
+        self,
+        key: bytes,
+        token: str,
+        ttl_ms: int,
+        fresh: bool,
+        takeover: str | None,
+        trail: _Trail,
+    ) -> None:
+        """Undo an attempt interrupted mid-call (a signal handler's exception, such as
+        a soft time limit or a SIGTERM), before that exception propagates.
+
+        As a failed attempt's undo: the key is given back to ``takeover`` on the
+        nodes the takeover was sent to (where it took a hand-over's or a task id's
+        reservation, what that token carried is not lost) and released on the
+        others. A token the caller gave without a takeover is left: it may be the
+        caller's own hold, re-entered, not ours to delete. What an earlier attempt
+        left to send again is kept.
+        """
+        fanout = self._fanout
+        with contextlib.suppress(Exception):
+            if takeover is not None and trail.scripted:
+                fanout.script(
+                    _scripts.REASSIGN, (key,), (token, takeover, ttl_ms), targets=trail.scripted
+                )
+                rest = [i for i in range(len(self.nodes)) if i not in trail.scripted]
+                fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
+            elif fresh or takeover is not None:
+                fanout.script(_scripts.RELEASE, (key,), (token,))
+        if trail.carried is not None:
+            with contextlib.suppress(Exception):
+                _resend.resend(fanout, key, token, *trail.carried)
 
     def _log_attempt(self, resource: str, tried: int, votes: list[NodeVote]) -> None:
         failed = [v for v in votes if v.vote in (Vote.ERROR, Vote.TIMEOUT)]

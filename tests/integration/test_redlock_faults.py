@@ -454,6 +454,23 @@ def test_a_takeover_interrupted_mid_call_gives_the_key_back_to_the_token_it_took
     assert rl.holder("handed") == lock.value
 
 
+def test_a_takeover_interrupted_on_a_free_key_leaves_no_key_nor_reservation(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """A run taking its task id's reservation over where there is none (a first run,
+    ``takeover=task id``) and interrupted after its ``SET NX`` reached the nodes that
+    answer: the key is released there, not turned into a reservation no one takes."""
+    rl = manager(node_timeout=1.0)
+    nodes[0].pause()  # its reply is awaited first: the SET reaches the others meanwhile
+    try:
+        with pytest.raises(Interrupted), interrupted_after(0.3):
+            rl.acquire("first-run", 30, "task-id|run", retry_count=0, takeover="task-id")
+    finally:
+        nodes[0].resume()
+    # The paused node may still apply the SET it had not read (a minority).
+    assert holders(nodes, "first-run")[1:] == [None] * (N - 1)
+
+
 def test_a_reconnect_and_an_owed_reply_on_stalled_nodes_cost_one_timeout_together(
     fresh_nodes: FreshNodes,
 ) -> None:
