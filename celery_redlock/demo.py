@@ -220,6 +220,7 @@ class Processes:
         self._setpriv = shutil.which("setpriv")
 
     def start(self, name: str, argv: Sequence[str]) -> _Child:
+        _check_stop()  # no child is started once the demo is stopping
         command = list(argv)
         if self._setpriv:  # the child dies with the demo, even on SIGKILL
             command = [self._setpriv, "--pdeathsig", "KILL", "--", *command]
@@ -601,11 +602,10 @@ _STOPPED: list[int] = []
 
 def _raise_exit(signum: int, frame: types.FrameType | None) -> None:
     _STOPPED.append(signum)
-    # From the first stop signal on, the demo is ending: its clean-up is bounded
-    # (SIGTERM, then SIGKILL after STOP_TIMEOUT), and a second Ctrl-C must neither
-    # cut it short nor turn the exit status into a death by SIGINT.
-    for stop in _STOP_SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
+    if len(_STOPPED) > 1:
+        # The demo is already ending: its clean-up is bounded (SIGTERM, then SIGKILL
+        # after STOP_TIMEOUT), and a second Ctrl-C must not cut it short.
+        return
     _check_stop()
 
 
@@ -618,28 +618,32 @@ def _check_stop() -> None:
 
 
 @contextlib.contextmanager
-def _exit_on_stop_signals() -> Iterator[None]:
+def _exit_on_stop_signals(exiting: bool) -> Iterator[None]:
     """SIGINT and SIGTERM unwind the demo, so the ``finally`` blocks stop every child.
 
-    After a stop signal both stay ignored (the process is exiting); otherwise the
-    handlers from before are put back.
+    ``exiting``: the process ends when the demo does (the command line); after a
+    stop signal both are then ignored to the end, so another one, also while the
+    interpreter shuts down, cannot turn the exit status into a death by signal.
+    Otherwise the handlers from before are put back.
     """
     _STOPPED.clear()
     previous = {signum: signal.signal(signum, _raise_exit) for signum in _STOP_SIGNALS}
     try:
         yield
     finally:
-        if not _STOPPED:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_IGN if exiting and _STOPPED else handler)
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, *, exiting: bool = False
+) -> int:
     """``python -m celery_redlock demo [--seconds S] [--json] [--keep]``.
 
     Ctrl-C (SIGINT) or SIGTERM stops the demo and every process it started
-    (status 130 or 143); further stop signals are then ignored, also after
-    this returns: the process is exiting.
+    (status 130 or 143); more of them while it cleans up are noted, not acted
+    on. ``exiting=True`` (the command line): the process ends on return, and
+    after a stop signal both stay ignored to the end.
     """
     stream = out or sys.stdout
     parser = argparse.ArgumentParser(
@@ -668,7 +672,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         "2 beat instances (Ctrl-C stops it and cleans up)"
     )
     try:
-        with _exit_on_stop_signals():
+        with _exit_on_stop_signals(exiting):
             report = run(args.seconds, args.accounts, args.copies, say, args.keep)
     except KeyboardInterrupt:
         say("interrupted: every process the demo started is stopped")
