@@ -60,6 +60,7 @@ second send inside the hold is a duplicate and does not run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -273,6 +274,13 @@ class RedlockSchedulerMixin:
         except RedlockError as exc:
             self._complain(logging.ERROR, "beat: leader election failed: %s", exc)
             return
+        except BaseException:
+            # Stopped mid-election (a SIGTERM's SystemExit): the nodes that answered may
+            # hold this beat's token, which no one would free before its TTL; every
+            # other beat would wait that out. This beat is going: free it.
+            with contextlib.suppress(Exception):
+                self.redlock.release(self._key, self.redlock_beat_token)
+            raise
         if handed is not None:
             try:
                 self._go_on_from(handed)

@@ -298,6 +298,40 @@ def test_validity_running_out_before_a_send_steps_down_without_sending(
     assert get_redlock(resolve_settings(app)).inspect(a.redlock_beat_lock_key).nodes_holding == 0
 
 
+def test_a_beat_stopped_mid_election_leaves_no_lock_for_the_others_to_wait_out(
+    redis_urls: list[str],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A SIGTERM (SystemExit) landing as the election's replies came in: the token the
+    nodes took is freed as the beat goes, so another beat leads at its next poll, not
+    after the leader lock's TTL."""
+    app = make_app(redis_urls, redlock_beat_ttl=3.0)
+    first, _ = schedulers(app)
+    second, _ = schedulers(app)
+    manager = first.redlock
+    real = manager.acquire
+    taken: list[Any] = []
+
+    def acquire(*args: Any, **kwargs: Any) -> Any:
+        lock = real(*args, **kwargs)
+        if not taken:
+            taken.append(lock)
+            raise SystemExit(143)  # the signal handler's exception, right after the SETs
+        return lock
+
+    monkeypatch.setattr(manager, "acquire", acquire)
+    with pytest.raises(SystemExit):
+        first.tick()
+    assert taken  # the nodes had given it the lock
+    assert manager.holder(first._key) is None
+    started = time.monotonic()
+    while not second.is_leader:
+        assert time.monotonic() - started < 1.0, "the second beat waits out the TTL"
+        second.tick()
+        time.sleep(0.02)
+
+
 def test_close_hands_the_lock_over_so_the_standby_leads_at_its_next_poll(
     redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
 ) -> None:
