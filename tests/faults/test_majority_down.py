@@ -240,8 +240,8 @@ def majority_down_under_load(
             f"{len(failures)} calls failed while down; slowest call of the run "
             f"{run.slowest_call:.2f} s (bound {BOUND:.2f} s); "
             f"{len(granted_while_down)} granted while down; locking resumed "
-            f"{max(complete, default=0):.2f} s after the nodes at worst (1 s cool-down "
-            "+ TTL of keys queued on paused nodes)"
+            f"{max(complete, default=0):.2f} s after the nodes at worst (1 s cool-down; "
+            "keys queued on paused nodes are deleted by the undo sent again, or expire)"
             + (
                 f"; fence order broken {len(run.verdict.fence_violations)} times, each "
                 "across a restart of 3 nodes, which empties a majority of the fence "

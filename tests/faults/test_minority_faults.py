@@ -59,7 +59,7 @@ def minority_paused(
             f"{len(during)} granted while nodes were paused; longest time without a grant "
             f"{run.longest_gap():.2f} s; {run.extends[0]} holds extended half-way "
             f"({run.extends[1]} refused); {run.lost_at_release} releases reached fewer "
-            "than 3 nodes (those keys expire by TTL)",
+            "than 3 nodes (sent again to the others once they answer)",
         ),
         report=report,
     )
