@@ -175,6 +175,8 @@ class Lock:
     #: the latest time (monotonic) the key could live to, from what this handle
     #: armed it with (acquire, extend); 0.0 for a handle built by hand
     _armed: float = field(default=0.0, init=False, repr=False, compare=False)
+    #: the nodes that may hold the key (granted, or their reply was not read)
+    _maybe: frozenset[int] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def _manager(self) -> Redlock:
         if self.manager is None:
@@ -438,17 +440,15 @@ class Redlock:
         ttl: float,
         ttl_ms: int,
         fencing: bool,
-        fresh: bool = False,
-        takeover: str | None = None,
-        trail: _Trail | None = None,
+        fresh: bool,
+        takeover: str | None,
+        trail: _Trail,
     ) -> tuple[Lock | None, list[NodeVote], str | None]:
         """One attempt on every node. ``trail`` notes, as it goes, what the undo of an
         interrupted attempt needs (see :meth:`acquire`)."""
         fanout = self._fanout
         # No late delete of this token from here; kept again below if this attempt fails.
-        carried = _resend.forget(fanout, key, token)
-        if trail is not None:
-            trail.carried = carried
+        carried = trail.carried = _resend.forget(fanout, key, token)
         start = time.monotonic()
         args: tuple[str | int, ...] = (token, ttl_ms)
         if takeover is not None:
@@ -456,8 +456,8 @@ class Redlock:
         # codes: each node's ACQUIRE answer (1 set, 2 taken over, 3 re-armed, 0 held)
         if fencing:
             fence_key = key + FENCE_SUFFIX.encode()
-            if trail is not None and takeover is not None:
-                trail.scripted = list(range(len(self.nodes)))
+            # (Interrupted, a fenced takeover is released everywhere: the script also
+            # sets free keys, which a give-back would turn into reservations.)
             replies = fanout.script(_scripts.ACQUIRE_FENCED, (key, fence_key), args)
             read = [r for r in replies if isinstance(r, list) and len(r) == 3]
             codes: list[Any] = [r[0] if isinstance(r, list) and r else None for r in replies]
@@ -473,8 +473,7 @@ class Redlock:
                 # Nodes holding a token: the script takes it over where it is
                 # ``takeover`` (also past a quorum, so the reservation does not linger
                 # there; a node left unread at quorum may keep it until it expires).
-                if trail is not None:
-                    trail.scripted = held
+                trail.scripted = held  # (before sending: an interruption may come in the send)
                 again = fanout.script(_scripts.ACQUIRE, (key,), args, targets=held)
                 for i in held:
                     replies[i] = codes[i] = again[i]
@@ -500,7 +499,12 @@ class Redlock:
         validity = ttl - elapsed - drift
         if len(granted) >= self.quorum and validity > 0:
             lock = Lock(resource, token, validity, start + ttl - drift, fence, self)
-            lock._armed = start + ttl
+            lock._armed = start + ttl + self.node_timeout
+            lock._maybe = frozenset(
+                i
+                for i, r in enumerate(replies)
+                if i in granted or r is UNREAD or isinstance(r, NodeTimeout)
+            )
             if self.auto_release:
                 self._held[(resource, token)] = _process.pid()
             return lock, [], None
@@ -689,18 +693,27 @@ class Redlock:
         left to send again is kept.
         """
         fanout = self._fanout
+        missed: set[int] = set()
+        until = time.monotonic() + ttl_ms / 1000.0  # a SET sent before now is gone by then
         with contextlib.suppress(Exception):
             if takeover is not None and trail.scripted:
                 fanout.script(
                     _scripts.REASSIGN, (key,), (token, takeover, ttl_ms), targets=trail.scripted
                 )
                 rest = [i for i in range(len(self.nodes)) if i not in trail.scripted]
-                fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
             elif fresh or takeover is not None:
-                fanout.script(_scripts.RELEASE, (key,), (token,))
+                rest = list(range(len(self.nodes)))
+            else:
+                rest = []
+            if rest:
+                undone = fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
+                missed = {i for i in rest if isinstance(undone[i], Exception)}
         if trail.carried is not None:
+            missed |= trail.carried[0]
+            until = max(until, trail.carried[1])
+        if missed:  # sent again when they answer, as a failed attempt's undo
             with contextlib.suppress(Exception):
-                _resend.resend(fanout, key, token, *trail.carried)
+                _resend.resend(fanout, key, token, missed, until)
 
     def _log_attempt(self, resource: str, tried: int, votes: list[NodeVote]) -> None:
         failed = [v for v in votes if v.vote in (Vote.ERROR, Vote.TIMEOUT)]
@@ -807,13 +820,16 @@ class Redlock:
         deleted = sum(1 for r in replies if _is_one(r))
         missed = [i for i, r in enumerate(replies) if isinstance(r, Exception)]
         if missed:
-            # A Lock this manager armed: its TTL is known, so its release is sent again
-            # to those nodes until they answer or the key has expired anyway. Not a
-            # release by name (its TTL unknown, its token maybe taken again elsewhere).
-            again = isinstance(lock, Lock) and lock._armed > 0.0 and not (owner or prefix)
-            if again:
-                assert isinstance(lock, Lock)
-                _resend.resend(self._fanout, key, token, missed, max(now, lock._armed))
+            # A Lock this manager armed, not yet expired: its release is sent again to
+            # the nodes that may hold it (not one that never had it), until they
+            # answer. Not a release by name (its TTL unknown, its token maybe taken
+            # again elsewhere).
+            again = False
+            if isinstance(lock, Lock) and lock._armed > now and not (owner or prefix):
+                targets = [i for i in missed if i in lock._maybe]
+                if targets:
+                    again = True
+                    _resend.resend(self._fanout, key, token, targets, lock._armed)
             level = logging.WARNING if len(missed) >= self.quorum else logging.DEBUG
             self._log.log(
                 level,

@@ -292,10 +292,10 @@ def test_a_late_release_never_deletes_the_same_token_taken_again(
 ) -> None:
     """A release kept for re-sending is dropped when this manager takes the key with
     the same token again: the new lock is not deleted by the late send."""
-    # The first re-send 2 s after the release (not when the cool-down ends), so the
+    # The first re-send 3 s after the release (not when the cool-down ends), so the
     # key is taken again, on every node, before it is due.
     monkeypatch.setattr(
-        _resend.Resender, "_due", staticmethod(lambda fanout, nodes, now: now + 2.0)
+        _resend.Resender, "_due", staticmethod(lambda fanout, nodes, now: now + 3.0)
     )
     rl = manager(retry_count=0)
     lock = rl.acquire("again", 30, "same-token")
@@ -305,12 +305,14 @@ def test_a_late_release_never_deletes_the_same_token_taken_again(
     assert rl.extend(lock, 30) is False
     for node in down:
         node.resume()
+    released = time.monotonic()
     assert rl.release(lock) is False  # kept, to be sent again to the cooling nodes
     assert _resend.get_resender().pending(b"again") == 1
     time.sleep(_nodes.NODE_COOLDOWN + 0.1)  # the cool-down is over, the re-send not due
     again = rl.acquire("again", 30, "same-token")
+    assert time.monotonic() - released < 3.0, "taken again too late to test anything"
     assert _resend.get_resender().pending(b"again") == 0
-    time.sleep(1.5)  # past when the re-send was due
+    time.sleep(max(0.0, released + 3.5 - time.monotonic()))  # past when it was due
     assert holders(nodes, "again") == [b"same-token"] * N
     assert rl.release(again) is True
 
@@ -434,9 +436,12 @@ def test_a_takeover_interrupted_mid_call_gives_the_key_back_to_the_token_it_took
     fanout = rl._fanout
     plain_script = fanout.script
 
+    sent: list[bool] = []
+
     def script(script: Any, *args: Any, **kwargs: Any) -> Any:
         if script is _scripts.ACQUIRE:  # the takeover, after the SET NX every node refused
             nodes[0].pause()  # its reply is awaited first: the others apply it meanwhile
+            sent.append(True)
         return plain_script(script, *args, **kwargs)
 
     fanout.script = script  # type: ignore[method-assign]
@@ -446,6 +451,7 @@ def test_a_takeover_interrupted_mid_call_gives_the_key_back_to_the_token_it_took
     finally:
         nodes[0].resume()
         fanout.script = plain_script  # type: ignore[method-assign]
+    assert sent, "interrupted before the takeover was sent: nothing tested"
     # The paused node may still apply the takeover it had not read (a minority).
     assert holders(nodes, "handed")[1:] == [handed.encode()] * (N - 1)
     assert rl.holder("handed") == handed
@@ -469,6 +475,43 @@ def test_a_takeover_interrupted_on_a_free_key_leaves_no_key_nor_reservation(
         nodes[0].resume()
     # The paused node may still apply the SET it had not read (a minority).
     assert holders(nodes, "first-run")[1:] == [None] * (N - 1)
+
+
+def test_an_acquire_interrupted_while_a_majority_stalls_leaves_no_key_once_they_wake(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """Interrupted while a majority stalls, the undo misses those nodes too: it is
+    sent again when they answer, so the SETs they apply on waking do not hold the
+    key on a quorum for its TTL."""
+    rl = manager(node_timeout=1.0)
+    down = [nodes[0], nodes[2], nodes[4]]
+    for node in down:
+        node.pause()
+    try:
+        with pytest.raises(Interrupted), interrupted_after(0.3):
+            rl.acquire("stalled", 30, retry_count=0)
+        assert _resend.get_resender().pending(b"stalled") == 1
+    finally:
+        for node in down:
+            node.resume()
+    wait_until_free(nodes, "stalled", _nodes.NODE_COOLDOWN + 5.0)
+
+
+def test_a_release_keeps_nothing_for_a_node_that_never_had_the_key(
+    nodes: list[RedisServer], manager: Callable[..., Redlock]
+) -> None:
+    """A node down when the lock was taken never had it: a release missing it is not
+    kept (with a node down for long, every release would otherwise be)."""
+    rl = manager(retry_count=0)
+    nodes[4].kill()
+    # The first lock after the kill may have written to its open connection (its
+    # reply unread at quorum): that one is kept. From then on the node is known down.
+    rl.release(rl.acquire("first-after", 30))
+    for n in range(20):  # within the cool-down and past it (a refused reconnect)
+        lock = rl.acquire(f"without-4-{n}", 30)
+        assert rl.release(lock) is True
+        assert _resend.get_resender().pending(f"without-4-{n}".encode()) == 0
+        time.sleep(0.1)
 
 
 def test_a_reconnect_and_an_owed_reply_on_stalled_nodes_cost_one_timeout_together(

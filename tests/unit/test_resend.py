@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import redis
 
+from celery_redlock import _resend
 from celery_redlock._resend import Resender
 
 
@@ -59,9 +60,8 @@ def test_a_missed_node_is_sent_the_delete_until_it_answers() -> None:
     fanout = FakeFanout({0: timeout(), 1: 1})
     resender = Resender()
     resender.add(fanout, b"k", "t", [0, 1], time.monotonic() + 30)  # type: ignore[arg-type]
-    wait_for(lambda: len(fanout.calls) >= 1)
+    wait_for(lambda: resender.freed == 1)  # node 1 answered 1: done there
     assert fanout.calls[0] == [0, 1]
-    assert resender.freed == 1  # node 1 answered 1: done there
     fanout.answers[0] = 1  # node 0 comes back
     wait_for(lambda: len(fanout.calls) >= 2, seconds=5)
     assert fanout.calls[1] == [0]  # only the node still missing
@@ -77,12 +77,50 @@ def test_not_held_is_asked_once_more_then_left() -> None:
     assert fanout.calls == [[0], [0]]
 
 
-def test_nothing_is_sent_past_the_keys_ttl() -> None:
+def test_a_node_that_answers_only_past_the_keys_ttl_is_still_sent_the_delete() -> None:
+    """A stalled node applies a queued SET, with its whole TTL, when it wakes: the
+    delete goes on past the TTL the key had when it was sent."""
+    fanout = FakeFanout({0: timeout()})
+    resender = Resender()
+    resender.add(fanout, b"k", "t", [0], time.monotonic() + 0.01)  # type: ignore[arg-type]
+    wait_for(lambda: len(fanout.calls) >= 1)
+    fanout.answers[0] = 1  # it wakes, past the TTL
+    wait_for(lambda: resender.freed == 1, seconds=5)
+    assert resender.pending(b"k") == 0
+
+
+def test_a_node_that_never_answers_is_given_up_at_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_resend, "LATE_MARGIN", 0.0)
     fanout = FakeFanout({0: timeout()})
     resender = Resender()
     resender.add(fanout, b"k", "t", [0], time.monotonic() + 0.01)  # type: ignore[arg-type]
     wait_for(lambda: resender.pending(b"k") == 0)
-    assert fanout.calls == []
+    assert fanout.calls == []  # its first send was due after the cap
+
+
+def test_forget_interrupted_while_it_waits_drops_nothing() -> None:
+    gate = threading.Event()
+    fanout = FakeFanout({0: timeout()}, gate)
+    resender = Resender()
+    resender.add(fanout, b"k", "t", [0], time.monotonic() + 30)  # type: ignore[arg-type]
+    assert fanout.sending.wait(5)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(timeout: float | None = None) -> bool:
+        raise Interrupted  # a signal handler's exception, in the wait
+
+    real_wait = resender._cond.wait
+    resender._cond.wait = interrupt  # type: ignore[method-assign]
+    with pytest.raises(Interrupted):
+        resender.forget(fanout, b"k", "t")  # type: ignore[arg-type]
+    resender._cond.wait = real_wait  # type: ignore[method-assign]
+    gate.set()
+    wait_for(lambda: len(fanout.calls) >= 2, seconds=5)  # still kept: sent again
+    assert resender.pending(b"k") == 1
 
 
 @pytest.mark.parametrize("how", ["forget", "drop"])
