@@ -1,4 +1,5 @@
-"""The core (redlock, renewal, _nodes, _scripts, _wakeup, _process, exceptions): no celery."""
+"""The core (redlock, renewal, _nodes, _resend, _scripts, _wakeup, _process, exceptions):
+no celery."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ CORE = [
     "celery_redlock._nodes",
     "celery_redlock._wakeup",
     "celery_redlock._process",
+    "celery_redlock._resend",
     "celery_redlock.redlock",
     "celery_redlock.renewal",
 ]
