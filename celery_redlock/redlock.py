@@ -216,7 +216,7 @@ class _Trail:
     def __init__(self) -> None:
         #: what an earlier attempt or release left to send again (see _resend.forget)
         self.carried: tuple[set[int], float] | None = None
-        #: the nodes a takeover script was sent to
+        #: the nodes a takeover script is sent to (noted before it goes out)
         self.scripted: list[int] = []
 
 
@@ -837,7 +837,7 @@ class Redlock:
                 resource,
                 len(missed),
                 ", ".join(str(classify(self.nodes[i], replies[i], False)) for i in missed),
-                "it is sent again when they answer, until the key's TTL"
+                "it is sent again to those that may hold the key, until they answer"
                 if again
                 else "their keys expire by TTL",
             )

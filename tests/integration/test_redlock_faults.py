@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from celery_redlock import LockNotAcquired, Redlock, Vote, _nodes, _resend, _scripts
+from celery_redlock import Lock, LockNotAcquired, Redlock, Vote, _nodes, _resend, _scripts
 from tests.servers import RedisServer
 
 N = 5
@@ -240,6 +240,22 @@ def wait_until_free(nodes: list[RedisServer], key: str, seconds: float) -> float
     return time.monotonic() - started
 
 
+def release_missing_a_majority(
+    rl: Redlock, nodes: list[RedisServer], key: str, token: str | None = None
+) -> Lock:
+    """Take ``key``, then release it while nodes 1-3 cool down after a stall: the
+    release misses that majority (they still hold it) and returns False."""
+    lock = rl.acquire(key, 30, token)
+    down = [nodes[1], nodes[2], nodes[3]]
+    for node in down:
+        node.pause()
+    assert rl.extend(lock, 30) is False  # times out there: those nodes cool down
+    for node in down:
+        node.resume()
+    assert rl.release(lock) is False  # skipped on the cooling majority
+    return lock
+
+
 @pytest.mark.parametrize("retries", [0, RETRY_COUNT])
 def test_a_failed_attempt_on_a_majority_that_stalled_and_resumed_leaves_no_key(
     nodes: list[RedisServer], manager: Callable[..., Redlock], retries: int
@@ -275,14 +291,7 @@ def test_a_release_that_missed_a_majority_is_sent_again_when_they_answer(
     """A release made while a majority is skipped (its cool-down after a stall) reaches
     them once they answer again; the lock is not held on a quorum until its TTL."""
     rl = manager(retry_count=0)
-    lock = rl.acquire("held", 30)
-    down = [nodes[1], nodes[2], nodes[3]]
-    for node in down:
-        node.pause()
-    assert rl.extend(lock, 30) is False  # times out there: those nodes cool down
-    for node in down:
-        node.resume()
-    assert rl.release(lock) is False  # skipped on the cooling majority
+    release_missing_a_majority(rl, nodes, "held")
     assert [bool(h) for h in holders(nodes, "held")] == [False, True, True, True, False]
     wait_until_free(nodes, "held", _nodes.NODE_COOLDOWN + 2.0)
 
@@ -298,15 +307,8 @@ def test_a_late_release_never_deletes_the_same_token_taken_again(
         _resend.Resender, "_due", staticmethod(lambda fanout, nodes, now: now + 3.0)
     )
     rl = manager(retry_count=0)
-    lock = rl.acquire("again", 30, "same-token")
-    down = [nodes[1], nodes[2], nodes[3]]
-    for node in down:
-        node.pause()
-    assert rl.extend(lock, 30) is False
-    for node in down:
-        node.resume()
-    released = time.monotonic()
-    assert rl.release(lock) is False  # kept, to be sent again to the cooling nodes
+    release_missing_a_majority(rl, nodes, "again", "same-token")
+    released = time.monotonic()  # (a moment after it: the margins below are wide)
     assert _resend.get_resender().pending(b"again") == 1
     time.sleep(_nodes.NODE_COOLDOWN + 0.1)  # the cool-down is over, the re-send not due
     again = rl.acquire("again", 30, "same-token")
@@ -347,14 +349,7 @@ def test_closing_the_manager_drops_the_releases_it_kept(
     nodes: list[RedisServer], manager: Callable[..., Redlock]
 ) -> None:
     rl = manager(retry_count=0)
-    lock = rl.acquire("closed", 30)
-    down = [nodes[1], nodes[2], nodes[3]]
-    for node in down:
-        node.pause()
-    assert rl.extend(lock, 30) is False
-    for node in down:
-        node.resume()
-    assert rl.release(lock) is False
+    release_missing_a_majority(rl, nodes, "closed")
     assert _resend.get_resender().pending(b"closed") == 1
     rl.close()
     assert _resend.get_resender().pending(b"closed") == 0
