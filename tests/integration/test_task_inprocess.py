@@ -27,7 +27,7 @@ from celery.contrib.testing.worker import start_worker
 from celery.exceptions import Ignore, Reject
 from celery.signals import before_task_publish, task_retry
 
-from celery_redlock import Redlock, signals
+from celery_redlock import Redlock, _resend, signals
 from celery_redlock.exceptions import DuplicateTask, LockNotAcquired, RedlockConfigError
 from celery_redlock.keys import run_mark, run_token, task_id_of
 from celery_redlock.signals import lock_acquired, lock_lost, lock_released, lock_skipped
@@ -83,6 +83,10 @@ def define_tasks(app: Celery, dead: str) -> SimpleNamespace:
     @app.task(base=RedlockTask, bind=True, name="ip.hold")
     def hold(self: Any, tag: str, flag: bool = False) -> str:
         return body(self, tag)
+
+    @app.task(base=RedlockTask, bind=True, name="ip.long_ttl", redlock_ttl=30.0)
+    def long_ttl(self: Any, tag: str) -> str:
+        return body(self, tag, wait=False)
 
     @app.task(base=RedlockTask, bind=True, name="ip.raises", redlock_on_duplicate="raise")
     def raises(self: Any, tag: str) -> str:
@@ -824,6 +828,38 @@ def test_unavailable_fail_fails_the_run_with_lock_not_acquired(
     assert str(caught.value).startswith(f"lock {caught.value.resource!r}")
     assert "127.0.0.1" in str(caught.value)  # the nodes are listed
     assert STARTED[tag] == []
+
+
+def test_a_run_failing_on_a_stalled_majority_leaves_no_key_to_skip_the_next_call(
+    t: SimpleNamespace, tag: str, redis_nodes: list[RedisServer]
+) -> None:
+    """Two of the three lock nodes stall past the node timeout while a run acquires:
+    it fails (no quorum), and the SETs they apply when they resume are deleted by the
+    undo sent again, so the next call of the same key runs instead of being skipped
+    for the 30 s TTL with no run behind the key."""
+    key = t.long_ttl.redlock_key_for((tag,), {}).encode()
+    warm = t.long_ttl.delay(f"{tag}-warm-up")  # the worker's connections are open
+    assert warm.get(timeout=RESULT_TIMEOUT) == warm.id
+    freed = _resend.get_resender().freed  # (the worker runs in this process)
+    down = redis_nodes[:2]
+    for node in down:
+        node.pause()
+    try:
+        first = t.long_ttl.delay(tag)
+        with pytest.raises(LockNotAcquired):
+            first.get(timeout=RESULT_TIMEOUT)
+    finally:
+        for node in down:
+            node.resume()
+    assert wait_for(
+        lambda: not any(n.client().exists(key) for n in redis_nodes[:3]), timeout=10.0
+    ), [n.client().exists(key) for n in redis_nodes[:3]]
+    # Freed by the undo sent again, once they answered (so their cool-down is over):
+    # the SETs had reached both stalled nodes.
+    assert _resend.get_resender().freed - freed >= 2
+    second = t.long_ttl.delay(tag)
+    assert second.get(timeout=RESULT_TIMEOUT) == second.id  # ran: not skipped
+    assert STARTED[tag] == [second.id]
 
 
 def test_unavailable_run_runs_unlocked_and_warns(
