@@ -99,14 +99,21 @@ def test_quick_run_reports_every_case_target_and_the_machine(quick_run: QuickRun
 
 
 def test_quick_run_reports_the_handoff_suite(quick_run: QuickRun) -> None:
-    """Item 3: every case measured (or a missing peer skipped), its figures and targets."""
+    """Item 3: every case measured (or a peer missing or failing on its own, skipped),
+    its figures and targets."""
     suite = quick_run.data["suites"]["handoff"]
     assert suite["data"]["waiters"] == handoff.WAITERS == 8
     cases = {c["key"]: c for c in suite["data"]["cases"]}
     assert list(cases) == [c.key for c in handoff.CASES]
     for key, case in cases.items():
         if case["skipped"]:
-            assert case["skipped"].startswith("not installed"), (key, case["skipped"])
+            # A peer missing, or failing on its own under load (pottery once raised
+            # ReleaseUnlockedLock on a loaded 2-CPU machine): reported as such in the
+            # table. Only a peer's case may be; ours always run (below).
+            assert case["skipped"].startswith(("not installed", "failed: ")), (
+                key,
+                case["skipped"],
+            )
             assert key.split("+")[0] in ("pottery", "python-redis-lock"), key
             continue
         assert len(case["counts"]) == 8, key
