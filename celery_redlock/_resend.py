@@ -286,20 +286,12 @@ def _same(item: _Item, fanout: Fanout, key: bytes, token: str) -> bool:
     return item.key == key and item.token == token and item.fanout() is fanout
 
 
-_resender: Resender | None = None
-_guard = threading.Lock()
+_resenders = _process.PerProcess(Resender)
 
 
 def get_resender() -> Resender:
     """This process's :class:`Resender` (a forked child gets its own)."""
-    global _resender
-    resender = _resender
-    if resender is None:
-        with _guard:
-            if _resender is None:
-                _resender = Resender()
-            resender = _resender
-    return resender
+    return _resenders.get()
 
 
 def resend(fanout: Fanout, key: bytes, token: str, targets: Iterable[int], until: float) -> None:
@@ -312,7 +304,7 @@ def forget(fanout: Fanout, key: bytes, token: str) -> tuple[set[int], float] | N
 
     What was kept, for an attempt that fails to keep again (see :meth:`Resender.forget`).
     """
-    resender = _resender
+    resender = _resenders.peek()
     if resender is None:
         return None
     return resender.forget(fanout, key, token)
@@ -320,17 +312,6 @@ def forget(fanout: Fanout, key: bytes, token: str) -> tuple[set[int], float] | N
 
 def drop(fanout: Fanout) -> None:
     """``fanout``'s manager is closed: nothing kept for it is sent again."""
-    resender = _resender
+    resender = _resenders.peek()
     if resender is not None:
         resender.drop(fanout)
-
-
-def _after_fork_in_child() -> None:
-    global _guard
-    _guard = threading.Lock()
-    if _resender is not None:
-        _resender._reset()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -294,33 +294,14 @@ class Renewer:
         return True
 
 
-_renewer: Renewer | None = None
-_renewer_guard = threading.Lock()
+_renewers = _process.PerProcess(Renewer)
 
 
 def get_renewer() -> Renewer:
     """This process's :class:`Renewer` (a forked child gets its own)."""
-    global _renewer
-    renewer = _renewer
-    if renewer is None:
-        with _renewer_guard:
-            if _renewer is None:
-                _renewer = Renewer()
-            renewer = _renewer
-    return renewer
+    return _renewers.get()
 
 
 def watch(lock: Lock, ttl: float, on_lost: OnLost | None = None, **kwargs: Any) -> Watch:
     """Keep ``lock`` alive from this process's renewer thread; see :meth:`Renewer.watch`."""
     return get_renewer().watch(lock, ttl, on_lost, **kwargs)
-
-
-def _after_fork_in_child() -> None:
-    global _renewer_guard
-    _renewer_guard = threading.Lock()
-    if _renewer is not None:
-        _renewer._reset()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
