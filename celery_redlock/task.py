@@ -119,10 +119,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, ClassVar
 
-from celery import Task
+from celery import Task, states
+from celery._state import get_current_worker_task
+from celery.backends.base import DisabledBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
 from celery.utils.time import get_exponential_backoff_interval
+from celery.worker import state as worker_state
+from kombu import serialization
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 
@@ -374,7 +378,11 @@ class RedlockTask(Task):  # type: ignore[misc]
                     key, ttl, token, wait=settings.wait_for, takeover=takeover
                 )
             except LockNotAcquired as exc:
-                return manager, exc if exc.unavailable else _by_task_id(manager.inspect(key))
+                if exc.unavailable:
+                    return manager, exc
+                info = manager.inspect(key)
+                if _revoked_hold(info.holder, self.app) is None:
+                    return manager, _holder_or(exc, info)
         attempts = max(1, settings.retry_count)
         failure: LockNotAcquired | None = None
         for attempt in range(attempts):
@@ -385,11 +393,22 @@ class RedlockTask(Task):  # type: ignore[misc]
                 if not exc.unavailable:
                     info = manager.inspect(key)
                     if info.holder is not None and info.holder not in (token, takeover):
-                        return manager, _by_task_id(info)  # held on a quorum by another run
+                        revoked = _revoked_hold(info.holder, self.app)
+                        if revoked is None:
+                            return manager, _by_task_id(info)  # held on a quorum by another run
+                        # A hold for a queued message that was revoked: it will not run.
+                        try:
+                            return manager, manager.acquire(
+                                key, ttl, token, retry_count=0, takeover=revoked
+                            )
+                        except LockNotAcquired as again:
+                            failure = again
             if attempt + 1 < attempts:  # split votes or failing nodes: try again
                 time.sleep(random.uniform(0, settings.retry_delay))
         assert failure is not None
-        return manager, failure if failure.unavailable else _by_task_id(manager.inspect(key))
+        if failure.unavailable:
+            return manager, failure
+        return manager, _holder_or(failure, manager.inspect(key))
 
     def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
         """Take the lock before the body runs (Celery calls this inside the traced block).
@@ -449,7 +468,8 @@ class RedlockTask(Task):  # type: ignore[misc]
             self._redlock_send_skipped(run, info)
             return
         error = DuplicateTask(run.key, info.holder, info.ttl_left, self.name)
-        if policy == "retry":
+        if policy == "retry" and not self.request.is_eager:
+            # (Eager, apply() would run the retry at once, again and again: it fails.)
             raise self.retry(exc=error, countdown=_jitter(info.ttl_left or settings.ttl))
         raise error
 
@@ -610,11 +630,13 @@ class RedlockTask(Task):  # type: ignore[misc]
         if reason == "replaced" and self._redlock_same_work(run, run.replaced_by):
             self._redlock_hand_over(run, delay)
             return
-        run.done = True
         lock, manager = run.lock, run.manager
         held_for = time.monotonic() - run.acquired_at
         hold_left = 0.0
         try:
+            # Inside the try: an interruption before it leaves the run to the postrun
+            # net; one after it frees the key below.
+            run.done = True
             if run.watch is not None:
                 run.watch.cancel()  # waits out a renewal in flight
             if lock is None or manager is None:
@@ -673,13 +695,14 @@ class RedlockTask(Task):  # type: ignore[misc]
 
     def _redlock_hand_over(self, run: _Run, delay: float) -> None:
         """End the run's hold, leaving the lock to its task id for ``redlock_ttl + delay``."""
-        run.done = True
         if run.lock is None or run.manager is None:
+            run.done = True
             if run.watch is not None:
                 run.watch.cancel()
             return
         token = run.lock.value
         try:
+            run.done = True  # (inside the try, as in _redlock_end)
             if run.watch is not None:
                 run.watch.cancel()
             handed = run.manager.reassign(
@@ -714,9 +737,19 @@ class RedlockTask(Task):  # type: ignore[misc]
             return run
         return None
 
+    def _redlock_own_key(self, key: str) -> bool:
+        """True when the current run of this task holds ``key`` (and has not ended)."""
+        request = self.request_stack.top
+        run = getattr(request, _RUN_ATTR, None) if request is not None else None
+        return isinstance(run, _Run) and not run.done and run.lock is not None and run.key == key
+
     def _redlock_after_run(self, state: str | None) -> None:
         """``task_postrun``: release a lock the run did not (a safety net)."""
         run = getattr(self.request, _RUN_ATTR, None)
+        if isinstance(run, _Run) and run.done and run.watch is not None and not run.watch.cancelled:
+            # Ended, but its end was cut short before the renewals stopped: they would
+            # keep the key held for as long as this process lives.
+            _interrupted(run)
         if isinstance(run, _Run) and not run.done:
             if state == "RETRY" and not self.request.is_eager:
                 self._redlock_hand_over(run, 0.0)
@@ -802,11 +835,10 @@ class RedlockTask(Task):  # type: ignore[misc]
             serializer = options.get("serializer") or self._get_exec_options().get("serializer")
         if dump is not None and serializer != "pickle":
             key_args, key_kwargs = dump(args, kwargs)  # as the worker will receive them
-        if keyed_by is not None and serializer in (None, "json"):
+        if keyed_by is not None and serializer != "pickle":
             # A key function sees the arguments as the worker will (lists for tuples,
             # str dict keys), so the run computes the key the publish lock is under.
-            sent = json_dumps([list(key_args or ()), dict(key_kwargs or {})])  # type: ignore[no-untyped-call]
-            key_args, key_kwargs = json_loads(sent)  # type: ignore[no-untyped-call]
+            key_args, key_kwargs = _as_delivered(key_args, key_kwargs, serializer)
         key = self.redlock_key_for(key_args, key_kwargs)
         send = functools.partial(
             super().apply_async,
@@ -832,7 +864,19 @@ class RedlockTask(Task):  # type: ignore[misc]
         if settings.lock_on != "publish" or self.app.conf.task_always_eager:
             # Eager: apply() runs it at once, and the run locks.
             return send(task_id=task_id, **options)
-        given = task_id is not None
+        if self._redlock_own_key(key):
+            # A call made by the run holding this key (a task scheduling its next
+            # round): no duplicate of that run. Its own run meets the lock.
+            _log.info(
+                "task %s sent without its publish lock %s: sent by the run holding it",
+                self.name,
+                key,
+            )
+            return send(task_id=task_id or uuid(), **options)
+        # A task id chosen before the call (a workflow member, a retry), or a callback
+        # the worker sends for the task that has just run (parent_id: that task's id;
+        # a failure here would be the parent's): never dropped or held up here.
+        given = task_id is not None or _sent_for_parent(options)
         task_id = task_id or uuid()
         delay = _seconds_until(options.get("countdown") or options.get("eta"))
         started = time.monotonic()
@@ -856,6 +900,10 @@ class RedlockTask(Task):  # type: ignore[misc]
                 # so a release that missed nodes is not sent to them later.
                 manager.release(key, task_id)
                 raise
+        if isinstance(outcome, LockNotAcquired) and not outcome.unavailable:
+            # No one holds the key on a quorum (it may be changing hands): not a
+            # duplicate; its run meets the lock.
+            outcome = LockInfo(key, None, None, 0)
         if isinstance(outcome, LockNotAcquired):
             if settings.on_unavailable == "run" or given:
                 _log.warning(
@@ -871,7 +919,7 @@ class RedlockTask(Task):  # type: ignore[misc]
                 return send(task_id=task_id, **options)
             raise outcome
         return self._redlock_publish_duplicate(
-            key, task_id, outcome, settings, send, options, given
+            key, task_id, outcome, settings, send, options, given, delay
         )
 
     def _redlock_publish_duplicate(
@@ -883,7 +931,22 @@ class RedlockTask(Task):  # type: ignore[misc]
         send: functools.partial[Any],
         options: dict[str, Any],
         given: bool,
+        delay: float,
     ) -> Any:
+        if delay > (info.ttl_left or 0.0):
+            # Due after the holder's lock runs out (unless renewed): a later round of
+            # the work, not a duplicate of the run holding it now. Its run meets the lock.
+            _log.info(
+                "task %s[%s] sent without its publish lock %s: due in %.1f s, after the "
+                "lock of task %s (%s s left); its run meets the lock",
+                self.name,
+                task_id,
+                key,
+                delay,
+                info.holder,
+                _seconds(info.ttl_left),
+            )
+            return send(task_id=task_id, **options)
         if given or info.holder is None:
             # A task id chosen before the call (a group, chord or chain member, a retry,
             # a caller that waits on it) is waited on: never dropped here. Nor is a
@@ -917,11 +980,58 @@ class RedlockTask(Task):  # type: ignore[misc]
             )
             return self.AsyncResult(info.holder)
         if policy == "retry":
+            # Sent to run after the holder's time left, and never before the caller asked.
             options = {k: v for k, v in options.items() if k not in ("countdown", "eta")}
-            return send(
-                task_id=task_id, countdown=_jitter(info.ttl_left or settings.ttl), **options
-            )
+            countdown = max(delay, _jitter(info.ttl_left or settings.ttl))
+            return send(task_id=task_id, countdown=countdown, **options)
         raise DuplicateTask(key, info.holder, info.ttl_left, self.name)
+
+
+def _as_delivered(args: Any, kwargs: Any, serializer: str | None) -> tuple[Any, Any]:
+    """``args`` and ``kwargs`` as a worker receives them through ``serializer``
+    (kombu's registry: json, yaml, msgpack, ...)."""
+    data = [list(args or ()), dict(kwargs or {})]
+    if serializer in (None, "json"):
+        sent = json_dumps(data)  # type: ignore[no-untyped-call]
+        return tuple(json_loads(sent))  # type: ignore[no-untyped-call]
+    content_type, encoding, payload = serialization.dumps(data, serializer=serializer)  # type: ignore[no-untyped-call]
+    delivered = serialization.loads(payload, content_type, encoding, force=True)  # type: ignore[no-untyped-call]
+    return delivered[0], delivered[1]
+
+
+def _revoked_hold(holder: str | None, app: Any) -> str | None:
+    """``holder`` when it is a task id's own hold (a publish lock, a retry's, not a
+    run's) and that task was revoked (this worker was told, or the result backend
+    says so): its message will not run, so its hold is not a duplicate's."""
+    if holder is None or task_id_of(holder) != holder:
+        return None  # no one, or a run: a revoked run that runs on keeps its lock
+    if holder in worker_state.revoked:
+        return holder
+    if app.conf.task_always_eager or isinstance(app.backend, DisabledBackend):
+        return None  # no results to ask
+    try:
+        state = app.AsyncResult(holder).state
+    except Exception:  # no result backend, or it cannot be reached
+        return None
+    return holder if state == states.REVOKED else None
+
+
+def _sent_for_parent(options: Mapping[str, Any]) -> bool:
+    """True for a callback (``link=``) the worker sends for the task it has just run:
+    sent with ``parent_id``, that running task's id."""
+    parent_id = options.get("parent_id")
+    if parent_id is None:
+        return False
+    current = get_current_worker_task()
+    return current is not None and getattr(current.request, "id", None) == parent_id
+
+
+def _holder_or(failure: LockNotAcquired, info: LockInfo) -> LockInfo | LockNotAcquired:
+    """The holder's info (as a task id) when someone holds the key on a quorum; else
+    ``failure``: no one does (votes split between contenders, or keys left on a
+    minority), so the call is no duplicate, and must not be skipped as one: it
+    fails (or retries) as a call that could not take its lock."""
+    return failure if info.holder is None else _by_task_id(info)
 
 
 def _by_task_id(info: LockInfo) -> LockInfo:

@@ -873,3 +873,253 @@ def test_a_running_task_cancelled_by_the_worker_frees_its_child_s_run_once_it_is
         request.cancel(Pool(), emit_retry=False)
     assert signalled == [(4242, signals_os.SIGTERM)]
     assert scheduled == [(work, "tid-1", (3,), {}, "cancelled", 4242)]
+
+
+# ---------------------------------------------------------------------------
+# Calls that are no duplicates, and runs that must not be skipped
+
+
+def _split(servers: list[fakeredis.FakeRedis], key: str) -> None:
+    """Two other tokens on one node each, the third node free: no one holds the key
+    on a quorum, and no acquire can win it."""
+    servers[0].set(key, "one-contender", px=30_000)
+    servers[1].set(key, "another-contender", px=30_000)
+
+
+@pytest.mark.parametrize("on_unavailable", ["fail", "run"])
+def test_a_run_that_meets_a_split_vote_is_not_skipped_as_a_duplicate(
+    app: Celery,
+    servers: list[fakeredis.FakeRedis],
+    seen: list[tuple[str, dict[str, Any]]],
+    on_unavailable: str,
+) -> None:
+    """No one holds the key on a quorum (votes split between contenders): the run is
+    no duplicate of anyone. It fails with LockNotAcquired, or runs unlocked under
+    redlock_on_unavailable="run"; it never ends as a skipped success with no run
+    behind the key."""
+    ran: list[int] = []
+
+    @app.task(base=RedlockTask, shared=False, redlock_retry_count=2,
+              redlock_on_unavailable=on_unavailable)  # fmt: skip
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    _split(servers, work.redlock_key_for((1,), {}))
+    result = work.apply((1,))
+    assert [name for name, _ in seen if name == "lock_skipped"] == []
+    if on_unavailable == "fail":
+        assert result.state == "FAILURE"
+        assert isinstance(result.result, LockNotAcquired)
+        assert ran == []
+    else:
+        assert result.state == "SUCCESS"
+        assert ran == [1]
+
+
+def test_a_callback_the_worker_sends_for_a_finished_task_never_fails_that_task(
+    app: Celery, sent: list[str]
+) -> None:
+    """A ``link=`` callback with a publish lock whose key is held: the worker sends
+    it for the task that has just run (parent_id: that task's id). It is sent (its
+    run meets the lock), not raised as the parent's failure after the parent's
+    body succeeded."""
+    from celery.app.trace import build_tracer
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+              redlock_on_duplicate="raise")  # fmt: skip
+    def refresh(n: int) -> None: ...
+
+    @app.task(shared=False)
+    def parent(n: int) -> int:
+        return n
+
+    take(refresh, 5)
+    trace = build_tracer(parent.name, parent, app=app, eager=False, hostname="h")
+    outcome = trace(
+        "parent-id", (5,), {}, {"id": "parent-id", "callbacks": [refresh.s()]}
+    )
+    assert outcome.info is None, outcome.info  # no failure (TraceInfo) for the parent
+    assert outcome.retval == 5
+    assert len(sent) == 1  # the callback went out
+    # A call of its own (no parent_id of a running task) is still a duplicate.
+    with pytest.raises(DuplicateTask):
+        refresh.delay(5)
+
+
+def test_a_publish_duplicate_due_after_the_holder_s_time_left_is_sent(
+    app: Celery, sent: list[str]
+) -> None:
+    """A call scheduled past the lock's time left is a later round of the work, not
+    a duplicate of the run holding it now: sent (its run meets the lock). One due
+    within the time left is still dropped."""
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    take(work, 1)  # 30 s left
+    assert work.apply_async((1,), countdown=10).id == OTHER  # a duplicate: not sent
+    assert sent == []
+    later = work.apply_async((1,), countdown=3600)
+    assert sent == [later.id]
+    later_eta = work.apply_async((1,), eta=datetime.now(timezone.utc) + timedelta(hours=6))
+    assert sent == [later.id, later_eta.id]
+
+
+def test_a_retried_publish_duplicate_never_runs_before_the_caller_asked(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redlock_on_duplicate="retry" at publish time: the call is sent to run after
+    the holder's time left, and never before its own countdown."""
+    app.conf.task_always_eager = False
+    countdowns: list[float] = []
+
+    def fake_send(self: Any, *args: Any, **kwargs: Any) -> Any:
+        countdowns.append(kwargs["countdown"])
+        return self.AsyncResult(kwargs["task_id"])
+
+    monkeypatch.setattr(celery.app.task.Task, "apply_async", fake_send)
+    monkeypatch.setattr("celery_redlock.task.random.uniform", lambda a, b: a)  # least jitter
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+              redlock_on_duplicate="retry")  # fmt: skip
+    def work(n: int) -> None: ...
+
+    take(work, 1)  # 30 s left: sent again after 0.75 x 30 s at the least
+    work.apply_async((1,), countdown=29)
+    work.apply_async((1,))
+    assert countdowns[0] == 29
+    assert 22 < countdowns[1] <= 22.5
+
+
+def test_a_run_scheduling_its_next_round_under_a_publish_lock_sends_it(
+    app: Celery, sent: list[str]
+) -> None:
+    """The run holding a key calls ``apply_async`` with the same arguments (a task
+    that reschedules itself): the call is sent, not answered with the run's own
+    result (which would end the chain of rounds)."""
+    from celery.app.trace import build_tracer
+
+    calls: list[str] = []
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def poll(feed: str) -> None:
+        calls.append(poll.apply_async((feed,), countdown=5).id)
+
+    trace = build_tracer(poll.name, poll, app=app, eager=False, hostname="h")
+    outcome = trace("round-1", ("f",), {}, {"id": "round-1"})
+    assert outcome.info is None, outcome.info
+    assert len(calls) == 1
+    assert calls[0] != "round-1"
+    assert sent == calls
+
+
+def test_a_key_held_for_a_revoked_queued_task_is_taken_over(app: Celery) -> None:
+    """A publish lock (or a retry's) held under a task id whose message was revoked:
+    that message will not run, so a run of the same key takes the key over rather
+    than being skipped for an hour-long countdown."""
+    from celery.worker import state as worker_state
+
+    ran: list[int] = []
+
+    @app.task(base=RedlockTask, shared=False)
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    key = take(work, 1, token="queued-and-revoked")
+    assert work.apply((1,)).state == "SUCCESS"
+    assert ran == []  # not revoked: a duplicate, skipped
+    worker_state.revoked.add("queued-and-revoked")
+    try:
+        assert work.apply((1,)).state == "SUCCESS"
+    finally:
+        worker_state.revoked.discard("queued-and-revoked")
+    assert ran == [1]
+    assert manager(work).holder(key) is None
+    # A revoked run (a token with its run mark) that runs on keeps its lock.
+    take(work, 2, token="revoked-run|0123456789ab")
+    worker_state.revoked.add("revoked-run")
+    try:
+        work.apply((2,))
+    finally:
+        worker_state.revoked.discard("revoked-run")
+    assert ran == [1]
+
+
+def test_an_eager_duplicate_under_the_retry_policy_fails_at_once(app: Celery) -> None:
+    """apply() runs a retry at once: retrying a duplicate would spin (and recurse
+    without end under max_retries=None); it fails with DuplicateTask instead."""
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_on_duplicate="retry",
+              max_retries=None)  # fmt: skip
+    def work(self: Any, n: int) -> int:
+        return n
+
+    take(work, 1)
+    started = time.monotonic()
+    result = work.apply((1,))
+    assert isinstance(result.result, DuplicateTask)
+    assert time.monotonic() - started < 2
+
+
+def test_a_run_s_end_cut_short_before_it_stops_renewals_still_frees_the_key(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A soft time limit landing at the very start of the run's end, before the
+    renewals are stopped: the postrun net stops them and frees the key, not a
+    renewer keeping it held for as long as the process lives."""
+    import celery_redlock.task as task_module
+
+    armed = threading.Event()
+
+    class CutShortRun(task_module._Run):
+        """A run whose end is interrupted the first time it reads the start time."""
+
+        @property
+        def acquired_at(self) -> float:
+            if armed.is_set():
+                armed.clear()
+                raise celery.exceptions.SoftTimeLimitExceeded()
+            return float(self.__dict__.get("_at", 0.0))
+
+        @acquired_at.setter
+        def acquired_at(self, value: float) -> None:
+            self.__dict__["_at"] = value
+
+    monkeypatch.setattr(task_module, "_Run", CutShortRun)
+
+    @app.task(base=RedlockTask, shared=False, redlock_ttl=0.9)
+    def work(x: str) -> str:
+        armed.set()
+        return "ok"
+
+    result = work.apply(("k",))
+    assert isinstance(result.result, celery.exceptions.SoftTimeLimitExceeded)
+    key = work.redlock_key_for(("k",), {})
+    assert manager(work).holder(key) is None
+    time.sleep(1.3)  # past the TTL: still free (no renewal set it again)
+    assert manager(work).holder(key) is None
+
+
+def test_a_key_function_sees_the_arguments_as_any_serializer_delivers_them(
+    app: Celery, sent: list[str]
+) -> None:
+    """Not only kombu's JSON: a serializer of the registry (yaml and msgpack turn
+    tuples into lists too) delivers what the key function is given at publish time,
+    so the publish lock is under the key the run computes."""
+    import json
+
+    from kombu.serialization import register, unregister
+
+    register("lists-only", json.dumps, json.loads, "application/x-lists-only", "utf-8")
+    try:
+
+        @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish",
+                  serializer="lists-only", redlock_key=lambda ids: repr(ids))  # fmt: skip
+        def work(ids: Any) -> None: ...
+
+        result = work.delay((1, 2))
+        assert manager(work).holder(work.redlock_key_for(([1, 2],), {})) == result.id
+    finally:
+        unregister("lists-only")
