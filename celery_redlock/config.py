@@ -4,8 +4,13 @@ one :class:`~celery_redlock.redlock.Redlock` per process.
 Every setting is read with ``app.conf.get("redlock_<name>")``, so Django's
 ``CELERY_REDLOCK_<NAME>`` (``namespace="CELERY"``) works too, and can be
 overridden per task by a task attribute of the same name. A value is taken
-from the task attribute when it is not None, else from the app's
-configuration when set there, else from :data:`DEFAULTS`:
+from the task attribute when the task sets it (an option of ``app.task()``, or
+an attribute of the task class or of a base class below RedlockTask), else
+from the app's configuration when set there (not None), else from
+:data:`DEFAULTS`. A task may set ``redlock_servers``, ``redlock_key`` or
+``redlock_wait`` to None, their meaningful None (the broker, all arguments,
+``redlock_ttl``), over the app's value; for another setting None on the task
+means unset:
 
 ======================  ===========  =================================================
 setting                 default      meaning
@@ -14,9 +19,11 @@ redlock_servers         (broker)     one URL or a list; unset: the broker's serv
                                      the broker is Redis
 redlock_ttl             30.0         seconds a lock lives without being extended
 redlock_retry_count     3            attempts to acquire (0 means one)
-redlock_retry_delay     0.2          most seconds between attempts (random in [0, x])
+redlock_retry_delay     0.2          most seconds between attempts (random in [0, x]);
+                                     at most 10 years
 redlock_drift_factor    0.01         clock drift allowance, a share of the TTL
-redlock_node_timeout    0.1          seconds to wait for one node's reply
+redlock_node_timeout    0.1          seconds to wait for one node's reply; at most
+                                     86400 (1 day)
 redlock_key_prefix      "redlock:"   prefix of every task lock key
 redlock_key             None         None: all arguments; names; a callable; "": name
 redlock_on_duplicate    "skip"       "skip", "raise", "retry" or "wait"
@@ -40,6 +47,7 @@ import difflib
 import functools
 import math
 import os
+import sys
 import threading
 import time
 import types
@@ -79,6 +87,12 @@ UNAVAILABLE_POLICIES = ("fail", "run")
 PREFIX = "redlock_"
 #: The shortest lock TTL, in seconds.
 MIN_TTL = 0.01
+#: The longest ``redlock_node_timeout``, in seconds (the sockets' poll() stops at
+#: about 24 days).
+MAX_NODE_TIMEOUT = 86400.0
+#: Settings whose None means something (the broker's server, all arguments,
+#: ``redlock_ttl``): a task setting one to None overrides the app's value.
+NONE_MEANS_SOMETHING = ("servers", "key", "wait")
 #: Settings other parts own and validate (the beat scheduler's, see beat.py).
 OTHER_SETTINGS = ("redlock_beat_lock_key", "redlock_beat_ttl", "redlock_beat_poll")
 
@@ -204,6 +218,19 @@ def _at_most_max_ttl(where: str, seconds: float, value: object) -> float:
     return seconds
 
 
+def _share(where: str, value: object) -> float:
+    """A share of the TTL in [0, 0.5) (``redlock_drift_factor``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RedlockConfigError(
+            f"{where} must be a number in [0, 0.5), a share of the lock's TTL (0.01 is "
+            f"usual), not {value!r}"
+        )
+    number = float(value)
+    if not 0 <= number < 0.5:  # also NaN
+        raise RedlockConfigError(f"{where} must be in [0, 0.5), not {value!r}; 0.01 is usual")
+    return number
+
+
 def _validate(name: str, value: object, where: str, func: Callable[..., Any] | None) -> Any:
     if name == "servers":
         return _servers(where, value)
@@ -216,11 +243,24 @@ def _validate(name: str, value: object, where: str, func: Callable[..., Any] | N
             )
         return _at_most_max_ttl(where, ttl, value)
     if name == "node_timeout":
-        return _number(where, value, positive=True)
+        timeout = _number(where, value, positive=True)
+        if timeout > MAX_NODE_TIMEOUT:
+            raise RedlockConfigError(
+                f"{where} must be at most {MAX_NODE_TIMEOUT:.0f} s (1 day), not {value!r}; it "
+                "is the wait for one node's reply (0.1 is usual), and longer ones overflow "
+                "the sockets' clocks"
+            )
+        return timeout
     if name == "hold":
         return _at_most_max_ttl(where, _number(where, value), value)
     if name == "retry_delay":
-        return _number(where, value)
+        delay = _number(where, value)
+        if delay > MAX_TTL:
+            raise RedlockConfigError(
+                f"{where} must be at most {MAX_TTL:.0f} s (10 years), not {value!r}; longer "
+                "ones overflow the clock a wait between attempts sleeps on"
+            )
+        return delay
     if name == "wait":
         return None if value is None else _number(where, value)
     if name == "retry_count":
@@ -230,10 +270,7 @@ def _validate(name: str, value: object, where: str, func: Callable[..., Any] | N
             )
         return value
     if name == "drift_factor":
-        number = _number(where, value)
-        if number >= 0.5:
-            raise RedlockConfigError(f"{where} must be in [0, 0.5), not {value!r}; 0.01 is usual")
-        return number
+        return _share(where, value)
     if name == "key_prefix":
         if not isinstance(value, str) or not value:
             # Empty, a lock key could be a Celery queue's name on the broker's Redis:
@@ -322,6 +359,23 @@ def _broker_servers(app: Any) -> tuple[Any, ...]:
     )
 
 
+def _set_on_task(task: Any, full: str) -> bool:
+    """Whether ``task`` sets the attribute ``full`` itself: on the instance, or in
+    the own ``__dict__`` of a class below RedlockTask in its class's MRO
+    (``app.task(**options)`` makes a subclass holding the options), not through
+    RedlockTask's defaults (all None)."""
+    if full in getattr(task, "__dict__", {}):
+        return True
+    # Looked up, not imported: the task module imports this one (and celery).
+    base = getattr(sys.modules.get(f"{__package__}.task"), "RedlockTask", None)
+    for klass in type(task).__mro__:
+        if klass is base:
+            return False
+        if full in vars(klass):
+            return True
+    return False
+
+
 def resolve_settings(
     app: Any,
     task: Any = None,
@@ -331,8 +385,10 @@ def resolve_settings(
 ) -> RedlockSettings:
     """The settings for ``task`` (or the app's, when ``task`` is None), validated.
 
-    Each value comes from the task attribute when not None, else from
-    ``app.conf.get("redlock_<name>")`` when not None, else the default.
+    Each value comes from the task attribute when the task sets it (see
+    :func:`_set_on_task`; None counts only for the settings in
+    :data:`NONE_MEANS_SOMETHING`), else from ``app.conf.get("redlock_<name>")``
+    when not None, else the default.
     With ``require_servers=False``, a process that has no servers to use (no
     ``redlock_servers``, a broker that is not Redis) gets empty ``servers``
     and the error is raised by :func:`get_redlock` instead: a publisher
@@ -343,12 +399,13 @@ def resolve_settings(
     task_name = getattr(task, "name", None) or "?"
     for name, default in DEFAULTS.items():
         full = setting_name(name)
-        value = getattr(task, full, None) if task is not None else None
+        on_task = task is not None and _set_on_task(task, full)
+        value = getattr(task, full, None) if on_task else None
         if isinstance(value, types.MethodType) and value.__self__ is task:
             # A function given as a task option (redlock_key=f) is a class attribute,
             # so the instance binds it; the setting is the function itself.
             value = value.__func__
-        if value is not None:
+        if on_task and (value is not None or name in NONE_MEANS_SOMETHING):
             where = task_where(name, task_name)
         else:
             value = conf.get(full)
@@ -365,6 +422,8 @@ def resolve_settings(
                 values[name] = default
             continue
         try:
+            if name == "key" and task is not None and where == conf_where(name):
+                _check_conf_key(value, where, func, task_name, full)
             values[name] = _validate(name, value, where, func)
         except RedlockConfigError as exc:
             spelt = _as_spelt(app, full) if where == conf_where(name) else full
@@ -373,6 +432,20 @@ def resolve_settings(
             # Name the setting as the user wrote it (CELERY_REDLOCK_TTL with Django).
             raise RedlockConfigError(str(exc).replace(where, f"the setting {spelt}", 1)) from None
     return RedlockSettings(**values)
+
+
+def _check_conf_key(
+    value: object, where: str, func: Callable[..., Any] | None, task_name: str, full: str
+) -> None:
+    """The app's ``redlock_key`` against one task's parameters: an error names the task."""
+    check_key_spec(value, None, where)  # its shape: the setting's own error
+    try:
+        check_key_spec(value, func, where)
+    except RedlockConfigError as exc:
+        raise RedlockConfigError(
+            f"task {task_name}: {exc}; give the task its own {full} "
+            f"(@app.task(base=RedlockTask, {full}=...)) to override the setting for it"
+        ) from None
 
 
 def _as_spelt(app: Any, full: str) -> str:

@@ -8,15 +8,27 @@ A task's key is ``{prefix}{task name}:{sha256 of the canonical arguments}``:
   ``self``).
 - The canonical form is the arguments as kombu's JSON serializer sends them,
   keys sorted: a tuple and a list are the same, so are ``{1: "a"}`` and
-  ``{"1": "a"}``, because that is what reaches the worker. UUID, datetime,
-  date, time, Decimal and bytes are encoded as kombu encodes them (and any
-  type registered with ``kombu.utils.json.register_type``). So the key
-  computed when the task is sent equals the key computed when it runs.
+  ``{"1": "a"}``, because that is what reaches the worker. A dict with two
+  keys JSON writes alike (``{1: "a", "1": "b"}``: the worker would get one
+  of them) cannot be encoded. UUID, datetime, date, time, Decimal and bytes
+  are encoded as kombu encodes them (and any type registered with
+  ``kombu.utils.json.register_type``, or with a ``__json__`` method, whose
+  output is canonicalised in turn). So the key computed when the task is
+  sent equals the key computed when it runs.
+- Values Python compares equal may differ in what the message carries, and
+  so in their keys: ``1``, ``1.0`` and ``True``; ``0.0`` and ``-0.0``;
+  ``Decimal("1.0")`` and ``Decimal("1")``; one instant as aware datetimes
+  with different UTC offsets (and a naive datetime differs from every aware
+  one).
 - Only a digest goes into the key: no argument value appears in Redis.
 
 ``redlock_key`` narrows or replaces the arguments: a sequence of argument
 names (only those count), a callable taking the task's arguments and
 returning a string (whose digest is used), or ``""`` for the task name alone.
+A callable is called as ``spec(*bound.args, **bound.kwargs)``, the arguments
+bound to the task's signature with defaults applied: it must take the task's
+parameters (checked when the task is registered), and an exception it raises
+is a :class:`RedlockConfigError` naming the task.
 """
 
 from __future__ import annotations
@@ -54,7 +66,12 @@ KeySpec = Union[None, str, Sequence[str], Callable[..., str]]  # noqa: UP007
 
 
 class _KeyEncoder(JSONEncoder):
-    """kombu's JSON encoder (UUID, datetime, Decimal, bytes, registered types)."""
+    """kombu's JSON encoder (UUID, datetime, Decimal, bytes, registered types), its
+    output canonicalised like the arguments (a ``__json__`` returning ``{2: .., 10: ..}``
+    is keyed as the worker receives it: str keys, sorted as str)."""
+
+    def default(self, o: Any) -> Any:
+        return _normalise(super().default(o))  # type: ignore[no-untyped-call]
 
 
 #: One encoder for every key (``encode`` keeps no state between calls).
@@ -77,9 +94,25 @@ def _json_key(key: object) -> str:
 
 
 def _normalise(value: object) -> object:
-    """``value`` shaped as after a JSON round trip: tuples as lists, dict keys as str."""
+    """``value`` shaped as after a JSON round trip: tuples as lists, dict keys as str.
+
+    Raises TypeError when two keys of one dict are written alike (``1`` and
+    ``"1"``): the worker would receive only one of them.
+    """
     if isinstance(value, dict):
-        return {_json_key(k): _normalise(v) for k, v in value.items()}
+        out: dict[str, object] = {}
+        keys: dict[str, object] = {}
+        for k, v in value.items():
+            name = _json_key(k)
+            if name in keys:
+                raise TypeError(
+                    f"a dict has the keys {keys[name]!r} and {k!r}, which JSON writes alike "
+                    f"({json.dumps(name, ensure_ascii=False)}): the worker would receive "
+                    "only one of them; give them distinct keys"
+                )
+            keys[name] = k
+            out[name] = _normalise(v)
+        return out
     if isinstance(value, (list, tuple)):
         return [_normalise(v) for v in value]
     return value
@@ -173,9 +206,57 @@ def _encode_arguments(
         ) from None
 
 
+_POSITIONAL_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _callable_name(spec: object) -> str:
+    name = getattr(spec, "__qualname__", None) or getattr(spec, "__name__", None)
+    return str(name) if name else repr(spec)
+
+
+def _check_callable(spec: Callable[..., Any], func: Callable[..., Any] | None, where: str) -> None:
+    """Check that ``spec`` takes the task's arguments as :func:`build_key` passes them:
+    ``spec(*bound.args, **bound.kwargs)``, defaults applied. Skipped when either
+    signature cannot be read (a builtin)."""
+    if func is None:
+        return
+    try:
+        task_sig = _signature(func)
+        spec_sig = inspect.signature(spec)
+    except (TypeError, ValueError):
+        return
+    args: list[None] = []
+    kwargs: dict[str, None] = {}
+    for param in task_sig.parameters.values():
+        if param.kind in _POSITIONAL_KINDS:
+            args.append(None)  # bound.args holds every one of these, defaults applied
+        elif param.kind is inspect.Parameter.KEYWORD_ONLY:
+            kwargs[param.name] = None
+    try:
+        spec_sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        names = [p.name for p in task_sig.parameters.values() if p.kind in _POSITIONAL_KINDS]
+        if kwargs:
+            names += ["*", *kwargs]
+        example = f"lambda {', '.join(names)}: ..." if names else "lambda: ..."
+        raise RedlockConfigError(
+            f"{where} is the callable {_callable_name(spec)}{spec_sig}, which cannot take the "
+            f"task's arguments: it is called with all of them, bound to the task's signature "
+            f"{task_sig} with defaults applied ({exc}). Give it the task's parameters "
+            f"({example}), or add *args/**kwargs for those it ignores"
+        ) from None
+
+
 def check_key_spec(spec: object, func: Callable[..., Any] | None, where: str) -> None:
-    """Validate a ``redlock_key`` value; raise :class:`RedlockConfigError` naming ``where``."""
-    if spec is None or spec == "" or callable(spec):
+    """Validate a ``redlock_key`` value; raise :class:`RedlockConfigError` naming ``where``.
+
+    With ``func`` (the task's ``run``), also check it against the task's
+    parameters: the names are parameters, the callable takes the arguments.
+    """
+    if spec is None or spec == "":
+        return
+    if callable(spec):
+        _check_callable(spec, func, where)
         return
     if isinstance(spec, str):
         raise RedlockConfigError(
@@ -222,7 +303,15 @@ def build_key(
     given = set(bound.arguments)
     bound.apply_defaults()
     if callable(spec):
-        made = spec(*bound.args, **bound.kwargs)
+        try:
+            made = spec(*bound.args, **bound.kwargs)
+        except Exception as exc:
+            raise RedlockConfigError(
+                f"task {task_name}: its redlock_key callable {_callable_name(spec)} raised "
+                f"{type(exc).__name__}: {exc}. It is called with the call's arguments bound "
+                f"to the task's signature {bound.signature}, defaults applied, and must return "
+                "a str; fix the callable, or set redlock_key to the names of the arguments"
+            ) from exc
         if not isinstance(made, str):
             raise RedlockConfigError(
                 f"task {task_name}: its redlock_key callable returned {type(made).__name__} "

@@ -22,6 +22,7 @@ from celery_redlock.config import (
     validate_app,
 )
 from celery_redlock.exceptions import RedlockConfigError
+from celery_redlock.task import RedlockTask
 
 SERVERS = ["redis://r1:6379/0", "redis://r2:6379/0", "redis://r3:6379/0"]
 
@@ -66,6 +67,91 @@ def test_a_task_attribute_overrides_the_app_conf() -> None:
     task = types.SimpleNamespace(name="t", redlock_ttl=3, redlock_on_duplicate="raise")
     settings = resolve_settings(make_app(redlock_servers=SERVERS, redlock_ttl=12), task)
     assert (settings.ttl, settings.on_duplicate) == (3.0, "raise")
+
+
+def test_a_task_may_set_a_meaningful_none_over_the_app_value() -> None:
+    app = make_app(redlock_servers=SERVERS, redlock_key="", redlock_wait=5, redlock_ttl=12)
+    app.conf.broker_url = "redis://broker:6379/2"
+    app.finalize()
+
+    @app.task(
+        base=RedlockTask,
+        shared=False,
+        redlock_key=None,  # all arguments, not the app's "" (the task name alone)
+        redlock_wait=None,  # redlock_ttl, not the app's 5
+        redlock_servers=None,  # the broker's server, not the app's servers
+        redlock_ttl=None,  # None means nothing for the TTL: unset, the app's value
+    )
+    def by_arguments(x: int) -> None: ...
+
+    settings = resolve_settings(app, by_arguments, func=by_arguments.run)
+    assert settings.key is None
+    assert (settings.wait, settings.wait_for, settings.ttl) == (None, 12.0, 12.0)
+    assert settings.servers == ("redis://broker:6379/2",)
+    assert by_arguments.redlock_key_for((1,)) != by_arguments.redlock_key_for((2,))
+
+    class ByArguments(RedlockTask):  # type: ignore[misc]
+        redlock_key = None  # a base class below RedlockTask sets it too
+
+    @app.task(base=ByArguments, shared=False)
+    def from_base(x: int) -> None: ...
+
+    assert from_base.redlock_key_for((1,)) != from_base.redlock_key_for((2,))
+
+    @app.task(base=RedlockTask, shared=False)
+    def unset(x: int) -> None: ...  # RedlockTask's own None defaults are not set
+
+    settings = resolve_settings(app, unset, func=unset.run)
+    assert (settings.key, settings.wait, settings.servers) == ("", 5.0, tuple(SERVERS))
+    assert unset.redlock_key_for((1,)) == unset.redlock_key_for((2,))
+
+
+def test_a_callable_task_key_that_cannot_take_the_arguments_fails_at_registration() -> None:
+    app = make_app(redlock_servers=SERVERS)
+    app.finalize()
+    with pytest.raises(RedlockConfigError) as caught:
+
+        @app.task(base=RedlockTask, shared=False, name="app.charge", redlock_key=lambda a: a)
+        def charge(account_id: int, amount: int) -> None: ...
+
+    message = str(caught.value)
+    assert message.startswith("the attribute redlock_key of task app.charge is the callable")
+    assert "lambda account_id, amount: ..." in message
+
+    @app.task(base=RedlockTask, bind=True, shared=False, redlock_key=lambda a, b: str(a))
+    def bound(self: Any, account_id: int, amount: int) -> None: ...  # no self for the key
+
+    assert bound.redlock_key_for((1, 2)) == bound.redlock_key_for((1, 3))
+
+
+def test_the_app_key_naming_a_parameter_a_task_lacks_names_the_task() -> None:
+    task = types.SimpleNamespace(name="app.notify", run=lambda user_id: None)
+    app = make_app(redlock_servers=SERVERS, redlock_key=("account_id",))
+    with pytest.raises(RedlockConfigError) as caught:
+        validate_app(app, [task])
+    message = str(caught.value)
+    assert message.startswith("task app.notify: the setting redlock_key names 'account_id'")
+    assert "give the task its own redlock_key" in message  # how to fix it
+
+    app = make_app(redlock_servers=SERVERS, redlock_key=lambda account_id, amount: "x")
+    with pytest.raises(RedlockConfigError, match=r"^task app\.notify: the setting redlock_key is"):
+        validate_app(app, [task])
+
+    django = Celery("django", set_as_current=False)
+    source = types.SimpleNamespace(
+        CELERY_BROKER_URL="memory://",
+        CELERY_REDLOCK_SERVERS=SERVERS,
+        CELERY_REDLOCK_KEY=("account_id",),
+    )
+    django.config_from_object(source, namespace="CELERY")
+    with pytest.raises(RedlockConfigError) as caught:
+        validate_app(django, [task])
+    assert str(caught.value).startswith("task app.notify: the setting CELERY_REDLOCK_KEY names")
+
+    # A bad shape is the setting's own error, whatever the task.
+    app = make_app(redlock_servers=SERVERS, redlock_key="account_id")
+    with pytest.raises(RedlockConfigError, match=r"^the setting redlock_key is the str"):
+        validate_app(app, [task])
 
 
 def test_django_celery_namespace_settings_are_read() -> None:
@@ -182,6 +268,12 @@ def test_no_servers_and_a_broker_that_is_not_redis_names_redlock_servers() -> No
         ("hold", -5, "redlock_hold must be a finite number >= 0"),
         ("ttl", 1e12, "redlock_ttl must be at most 315360000 s (10 years)"),
         ("hold", 4e8, "redlock_hold must be at most 315360000 s (10 years)"),
+        ("retry_delay", 1e10, "redlock_retry_delay must be at most 315360000 s (10 years)"),
+        ("node_timeout", 1e12, "redlock_node_timeout must be at most 86400 s (1 day), not"),
+        ("node_timeout", 86401, "redlock_node_timeout must be at most 86400 s (1 day), not"),
+        ("drift_factor", "0.01", "redlock_drift_factor must be a number in [0, 0.5), a share"),
+        ("drift_factor", -0.1, "redlock_drift_factor must be in [0, 0.5), not -0.1"),
+        ("drift_factor", float("nan"), "redlock_drift_factor must be in [0, 0.5), not nan"),
         ("wait", "forever", "redlock_wait must be a number"),
         ("servers", ["ftp://x"], "redlock_servers"),
         ("servers", [], "redlock_servers"),
@@ -195,6 +287,14 @@ def test_a_bad_setting_is_an_error_naming_it_and_what_it_must_be(
         resolve_settings(make_app(**conf))
     assert message in str(caught.value)
     assert f"the setting redlock_{name}" in str(caught.value)
+
+
+def test_the_largest_retry_delay_and_node_timeout_pass() -> None:
+    app = make_app(
+        redlock_servers=SERVERS, redlock_retry_delay=315360000, redlock_node_timeout=86400
+    )
+    settings = resolve_settings(app)
+    assert (settings.retry_delay, settings.node_timeout) == (315360000.0, 86400.0)
 
 
 def test_a_bad_task_attribute_names_the_task() -> None:

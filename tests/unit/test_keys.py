@@ -187,7 +187,16 @@ def test_a_bad_key_spec_is_an_error_naming_where_and_the_fix(spec: Any, message:
 
 
 def test_valid_key_specs_pass() -> None:
-    for spec in (None, "", ("account_id", "full"), ["full"], lambda **kw: "x"):
+    specs: tuple[Any, ...] = (
+        None,
+        "",
+        ("account_id", "full"),
+        ["full"],
+        lambda account_id, full: "x",
+        lambda account_id, *rest, **kw: "x",
+        lambda *args, **kw: "x",
+    )
+    for spec in specs:
         check_key_spec(spec, sync_account, "x")
     check_key_spec(("anything",), with_var, "x")  # **extra accepts any name
 
@@ -272,3 +281,102 @@ def test_a_str_with_a_lone_surrogate_is_keyed_as_kombu_sends_it() -> None:
     key = build_key("p:", "t", sync_account, (name,), {})
     assert key == build_key("p:", "t", sync_account, tuple(sent), {})
     assert key != build_key("p:", "t", sync_account, ("caf\u00e9.txt",), {})
+
+
+def only_account(account_id: Any) -> None: ...
+
+
+def keyword_only(account_id: Any, *, amount: int = 0) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("func", "spec", "example"),
+    [
+        (sync_account, lambda account_id: str(account_id), "lambda account_id, full: ..."),
+        (sync_account, lambda **kw: "x", "lambda account_id, full: ..."),
+        (keyword_only, lambda account_id: "x", "lambda account_id, *, amount: ..."),
+        (only_account, lambda account_id, amount: "x", "lambda account_id: ..."),
+    ],
+)
+def test_a_callable_key_that_cannot_take_the_task_s_arguments_is_refused_naming_where(
+    func: Any, spec: Any, example: str
+) -> None:
+    with pytest.raises(RedlockConfigError) as caught:
+        check_key_spec(spec, func, "the attribute redlock_key of task app.sync")
+    message = str(caught.value)
+    assert message.startswith("the attribute redlock_key of task app.sync is the callable")
+    assert "cannot take the task's arguments" in message
+    assert example in message  # how to fix it
+
+
+def test_a_callable_key_whose_signature_cannot_be_read_is_not_checked() -> None:
+    check_key_spec(str, only_account, "x")  # a builtin: no signature to read
+    assert key(only_account, 7, spec=str) == "redlock:app.sync:" + digest(b"7")
+
+
+def test_an_exception_from_a_callable_key_is_a_config_error_naming_the_task() -> None:
+    def by_account(account_id: Any, full: bool) -> str:
+        return str(account_id["id"])
+
+    with pytest.raises(RedlockConfigError) as caught:
+        key(sync_account, 7, spec=by_account)
+    message = str(caught.value)
+    assert message.startswith("task app.sync: its redlock_key callable")
+    assert "by_account raised TypeError" in message
+    assert isinstance(caught.value.__cause__, TypeError)  # chained to the original
+    with pytest.raises(RedlockConfigError, match=r"task app\.sync: .*redlock_key"):
+        key(with_var, 1, 2, spec=lambda a, b=1: "x")  # *rest holds 2: more than it takes
+
+
+@pytest.mark.parametrize(
+    "value", [{1: "a", "1": "b"}, {"x": {None: 1, "null": 2}}, {True: 1, "true": 2}]
+)
+def test_a_dict_with_two_keys_json_writes_alike_is_not_encodable(value: Any) -> None:
+    with pytest.raises(TypeError, match="which JSON writes alike"):
+        canonical(value)
+    with pytest.raises(RedlockConfigError) as caught:
+        key(sync_account, value)
+    message = str(caught.value)
+    assert "argument 'account_id' (dict) cannot be encoded for its lock key" in message
+    assert "JSON writes alike" in message
+
+
+class Reduced:
+    """An argument kombu encodes through its ``__json__``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __json__(self) -> Any:
+        return self.value
+
+
+@pytest.mark.parametrize(
+    "reduced",
+    [{2: "a", 10: "b"}, {2: "a", "x": "b"}, [(1, 2), {3: {20: 1, 100: 2}}]],
+    ids=["int-keys", "mixed-keys", "nested"],
+)
+def test_what_a_json_method_returns_is_keyed_as_the_worker_receives_it(reduced: Any) -> None:
+    args = (Reduced(reduced),)
+    sent_args, sent_kwargs = loads(dumps([args, {}]))  # what the worker receives
+    assert key(sync_account, *args) == key(sync_account, *sent_args, **sent_kwargs)
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        (1, 1.0),
+        (1, True),
+        (0.0, -0.0),
+        (decimal.Decimal("1.0"), decimal.Decimal("1")),
+        (
+            dt.datetime(2026, 1, 2, 12, tzinfo=dt.timezone.utc),
+            dt.datetime(2026, 1, 2, 14, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        ),
+    ],
+)
+def test_values_python_compares_equal_get_different_keys_when_the_message_differs(
+    one: Any, other: Any
+) -> None:
+    assert one == other
+    assert key(sync_account, one) != key(sync_account, other)  # as documented
