@@ -2,10 +2,11 @@
 
 A :class:`Node` is one independent Redis master. A :class:`Fanout` sends one
 packed command to every node's connection before it reads any reply, so a
-round trip to N nodes costs about as much as a round trip to one. Each reply
-is read with the per-node timeout; once one node has timed out, the others
+round trip to N nodes costs about as much as a round trip to one. Every reply
+must come within one per-node timeout after the sends (a read started later
+waits only for what is left of it); once one node has timed out, the others
 are only read if their reply is already there, so a call never waits much
-longer than one timeout however many nodes stall.
+longer than one timeout however many nodes stall or answer slowly.
 
 A connection whose reply timed out or failed is closed (a late reply must
 never be read as the answer to the next command) and reconnects on next use.
@@ -16,6 +17,7 @@ between two processes.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import re
@@ -29,13 +31,15 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.connection import AbstractConnection
-from redis.connection import parse_url as _parse_url
+from redis.connection import parse_url as _redis_parse_url
 from redis.exceptions import NoScriptError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import SentinelConnectionPool, SentinelManagedConnection
 
 from . import _scripts
 from ._scripts import Script
@@ -50,26 +54,73 @@ __all__ = ["UNREAD", "Fanout", "Node", "ServerSpec", "pack", "pack_args", "parse
 ServerSpec = Union[str, "redis.Redis"]
 
 DEFAULT_PORT = 6379
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#]*@")
-#: A password given as a query parameter (``?password=...``).
-_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&#\s]*")
+#: URL options a lock server's URL may give (those its connection class takes too).
+#: Every other one is refused at once: passed on, it would fail each connect later.
+_URL_OPTIONS = frozenset(
+    {
+        "db", "username", "password", "client_name", "lib_name", "lib_version", "protocol",
+        "socket_keepalive", "socket_read_size", "encoding", "encoding_errors",
+        # taken, then replaced by the lock's own: node_timeout for both timeouts, no
+        # retries, no health checks, replies as bytes
+        "socket_timeout", "socket_connect_timeout", "retry_on_timeout",
+        "health_check_interval", "decode_responses",
+        "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path",
+        "ssl_ca_data", "ssl_password", "ssl_check_hostname", "ssl_min_version",
+        "ssl_ciphers", "ssl_include_verify_flags", "ssl_exclude_verify_flags",
+    }
+)  # fmt: skip
+#: Options of a redis-py connection pool (``from_url``) that mean nothing for the
+#: lock's connections, one per node per call in flight: accepted and ignored.
+_POOL_OPTIONS = frozenset({"max_connections"})
+#: A password given as a query parameter (``?password=...``): in a spec, its value
+#: runs to the next option a lock server's URL may give (an unencoded "&" may be
+#: part of it), else to the end; in free text, to a "&", space or quote.
+_SPEC_QUERY_PASSWORD = re.compile(
+    r"(?i)([?&]password=).*?(?=&(?-i:" + "|".join(sorted(_URL_OPTIONS | _POOL_OPTIONS)) + r")=|$)",
+    re.DOTALL,
+)
+_TEXT_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&\s'\"]*")
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:/\s\[\]]+))(?::(?P<port>\d+))?$"
 )
+#: A URL option name that may be shown in an error (one that is not could be a
+#: piece of a password holding an unencoded delimiter).
+_OPTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+_ENCODE_HINT = (
+    "; a '/', '?', '#' or '@' in a user name or password must be percent-encoded "
+    "(%2F, %3F, %23, %40)"
+)
+
+
+def _hide_credentials(text: str) -> str:
+    """Everything from the first ``://`` to the last ``@`` after it becomes ``***``.
+
+    Credentials end at the last ``@`` as URL parsers read them, and a password may
+    hold an unencoded ``/``, ``?``, ``#`` or even ``://``: when in doubt, hide more.
+    """
+    start = text.find("://")
+    if start < 0:
+        return text
+    at = text.rfind("@", start + 3)
+    if at < 0:
+        return text
+    return text[: start + 3] + "***" + text[at:]
 
 
 def _scrub(text: str) -> str:
     """``text`` (an error message) with the credentials of any URL in it hidden."""
-    return _QUERY_PASSWORD.sub(r"\1***", _URL_CREDENTIALS.sub("***@", text))
+    return _TEXT_QUERY_PASSWORD.sub(r"\1***", _hide_credentials(text))
 
 
 def redact(spec: str) -> str:
     """``spec`` with any user name and password replaced by ``***``.
 
-    Credentials end at the last ``@`` before the path, as URL parsers read them.
+    In a URL, everything between ``://`` and the last ``@`` is hidden (credentials
+    end at the last ``@``, and an unencoded ``/``, ``?`` or ``#`` in a password
+    must not let part of it show), and so is a ``?password=`` value.
     """
     if "://" in spec:
-        return _scrub(spec)
+        return _SPEC_QUERY_PASSWORD.sub(r"\1***", _hide_credentials(spec))
     if "@" in spec and not any(ch.isspace() for ch in spec):  # "user:pw@host:port"
         return "***@" + spec.rpartition("@")[2]
     return spec
@@ -131,7 +182,11 @@ class Node:
         return self.connection_class(**kwargs)
 
     def client(self, timeout: float) -> redis.Redis:
-        """A new ``redis.Redis`` for this node, for administrative commands (SCAN, INFO)."""
+        """A new ``redis.Redis`` for this node, for administrative commands (SCAN, INFO).
+
+        Its pool is passed in, so ``close()`` leaves its connections open: also call
+        ``client.connection_pool.disconnect()``.
+        """
         kwargs = dict(self.connection_kwargs)
         kwargs.update(
             socket_timeout=timeout,
@@ -167,13 +222,159 @@ def _from_kwargs(kwargs: dict[str, Any]) -> Node:
     return Node(_node_name({**kwargs, "connection_class": cls}), cls, tuple(sorted(kwargs.items())))
 
 
+_ACCEPTED: dict[type, frozenset[str]] = {}
+
+
+def _accepted_options(cls: type) -> frozenset[str]:
+    """The URL options ``cls`` (a connection class) takes, of :data:`_URL_OPTIONS`."""
+    taken = _ACCEPTED.get(cls)
+    if taken is None:
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            try:
+                params = inspect.signature(init).parameters.values()
+            except (TypeError, ValueError):  # pragma: no cover - a C or odd __init__
+                continue
+            names.update(
+                p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            )
+        taken = _ACCEPTED[cls] = frozenset(names & _URL_OPTIONS)
+    return taken
+
+
+def _check_options(text: str, shown: str, kwargs: dict[str, Any], hint: str) -> None:
+    """Refuse a URL option the connection would not take; drop pool-only ones."""
+    query = urlsplit(text).query
+    if not query:
+        return
+    cls = kwargs.get("connection_class") or redis.Connection
+    accepted = _accepted_options(cls)
+    after_password = False
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name in _POOL_OPTIONS:
+            kwargs.pop(name, None)
+        elif name not in accepted:
+            if after_password or not _OPTION_NAME.match(name):
+                # It may be a piece of a password holding an unencoded "&", "?" or "@".
+                what = (
+                    "an option that a Redis connection does not take (not shown: it "
+                    "follows password= or is no option name; a '&' in a password must "
+                    "be percent-encoded as %26)"
+                )
+            else:
+                what = f"the option {name!r}, which a Redis connection does not take"
+                if name.lower() in accepted:
+                    what += f" (option names are lower case: {name.lower()!r})"
+                elif name.startswith("ssl_") and cls is not redis.SSLConnection:
+                    what += " (TLS options need a rediss:// URL)"
+                elif name == "timeout":
+                    what += " (the per-node timeout is node_timeout, redlock_node_timeout)"
+            raise RedlockConfigError(
+                f"server {shown!r} has {what}; a lock server's URL may give "
+                f"{', '.join(sorted(accepted))}; max_connections is accepted and ignored "
+                f"(each lock call uses one connection per node){hint}"
+            )
+        if name.lower() == "password":
+            after_password = True
+
+
+def _parse_url(text: str) -> Node:
+    shown = redact(text)
+    scheme, _, rest = text.partition("://")
+    scheme = scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise RedlockConfigError(
+            f"server {shown!r} has scheme {scheme!r}; use redis://, rediss:// (TLS) or unix://"
+        )
+    if "://" in rest:
+        raise RedlockConfigError(
+            f"server {shown!r} holds {text.count('://')} URLs in one string; give several "
+            "servers as a list of URLs, not one string joined by ','"
+        )
+    # An "@" after the end of the host part: a user name or password may hold an
+    # unencoded delimiter, and pieces of the URL before that "@" must not be shown.
+    authority_end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    hint = _ENCODE_HINT if "@" in rest[authority_end:] else ""
+    try:
+        kwargs = _redis_parse_url(text)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        at = rest.rfind("@")
+        if at < 0:
+            said = str(exc)
+        else:  # redis-py may quote a piece of the password: say what the rest gives
+            try:
+                _redis_parse_url(f"{scheme}://{rest[at + 1 :]}")  # type: ignore[no-untyped-call]
+            except ValueError as bare:
+                said = str(bare)
+            else:
+                said = "its user name and password cannot be read"
+                hint = _ENCODE_HINT
+        raise RedlockConfigError(
+            f"server {shown!r} is not a valid Redis URL ({_scrub(said)}); expected e.g. "
+            f"'redis://user:password@host:6379/0'{hint}"
+        ) from None
+    if urlsplit(text).fragment:
+        raise RedlockConfigError(
+            f"server {shown!r} has a '#' part, which a Redis URL does not take; a '#' in a "
+            "password must be percent-encoded as %23"
+        )
+    if scheme == "unix" and not kwargs.get("path"):
+        raise RedlockConfigError(
+            f"server {shown!r} has no socket path; use 'unix:///path/to/redis.sock'{hint}"
+        )
+    if scheme != "unix" and not kwargs.get("host"):
+        raise RedlockConfigError(f"server {shown!r} has no host name{hint}")
+    if scheme != "unix":
+        path = urlsplit(text).path.lstrip("/")
+        if path and not path.isdigit():
+            told = f"database {path!r}" if not hint and "@" not in path else "a path"
+            raise RedlockConfigError(
+                f"server {shown!r} has {told}; the path of a Redis URL is a database "
+                f"number, e.g. 'redis://host:6379/0'{hint}"
+            )
+    _check_options(text, shown, kwargs, hint)
+    reqs = kwargs.get("ssl_cert_reqs")
+    if isinstance(reqs, str):
+        # kombu's spelling (the broker URL Celery's docs show) as redis-py's
+        name = reqs.lower().removeprefix("cert_")
+        if name not in ("none", "optional", "required"):
+            raise RedlockConfigError(
+                f"server {shown!r} has ssl_cert_reqs={reqs!r}; use required, optional or "
+                "none (or CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE)"
+            )
+        kwargs["ssl_cert_reqs"] = name
+    return _from_kwargs(kwargs)
+
+
+def _parse_client(client: redis.Redis) -> Node:
+    pool = client.connection_pool
+    if isinstance(pool, SentinelConnectionPool) or issubclass(
+        pool.connection_class, SentinelManagedConnection
+    ):
+        raise RedlockConfigError(
+            "a Sentinel client (Sentinel.master_for/slave_for) is not a lock server: the "
+            "master it points to changes on failover, and a lock held on the old one is "
+            "lost; pass the URL of each master instead, e.g. 'redis://host:6379/0' (Redlock "
+            "wants independent masters, not a failover group)"
+        )
+    kwargs = dict(pool.connection_kwargs)
+    if not kwargs.get("host") and not kwargs.get("path"):
+        raise RedlockConfigError(
+            f"a redis.Redis client whose pool ({type(pool).__name__}) names no host or "
+            "socket path is not a lock server; pass the server's URL instead, e.g. "
+            "'redis://host:6379/0'"
+        )
+    kwargs["connection_class"] = pool.connection_class
+    return _from_kwargs(kwargs)
+
+
 def parse_server(spec: object) -> Node:
     """Turn one server spec (URL, "host:port" or ``redis.Redis``) into a :class:`Node`."""
     if isinstance(spec, redis.Redis):
-        pool = spec.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["connection_class"] = pool.connection_class
-        return _from_kwargs(kwargs)
+        return _parse_client(spec)
     if not isinstance(spec, str):
         raise RedlockConfigError(
             f"server {spec!r} is a {type(spec).__name__}; give a URL like "
@@ -183,42 +384,7 @@ def parse_server(spec: object) -> Node:
     if not text:
         raise RedlockConfigError("a server spec is empty; give a URL like 'redis://host:6379/0'")
     if "://" in text:
-        scheme = text.split("://", 1)[0].lower()
-        if scheme not in ("redis", "rediss", "unix"):
-            raise RedlockConfigError(
-                f"server {redact(text)!r} has scheme {scheme!r}; use redis://, rediss:// "
-                "(TLS) or unix://"
-            )
-        try:
-            kwargs = _parse_url(text)  # type: ignore[no-untyped-call]
-        except ValueError as exc:
-            raise RedlockConfigError(
-                f"server {redact(text)!r} is not a valid Redis URL ({redact(str(exc))}); "
-                "expected e.g. 'redis://user:password@host:6379/0'"
-            ) from None
-        if scheme == "unix" and not kwargs.get("path"):
-            raise RedlockConfigError(
-                f"server {redact(text)!r} has no socket path; use 'unix:///path/to/redis.sock'"
-            )
-        if scheme != "unix" and not kwargs.get("host"):
-            raise RedlockConfigError(f"server {redact(text)!r} has no host name")
-        reqs = kwargs.get("ssl_cert_reqs")
-        if isinstance(reqs, str):
-            # kombu's spelling (the broker URL Celery's docs show) as redis-py's
-            name = reqs.lower().removeprefix("cert_")
-            if name not in ("none", "optional", "required"):
-                raise RedlockConfigError(
-                    f"server {redact(text)!r} has ssl_cert_reqs={reqs!r}; use required, "
-                    "optional or none (or CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE)"
-                )
-            kwargs["ssl_cert_reqs"] = name
-        path = text.split("://", 1)[1].partition("?")[0].partition("/")[2]
-        if scheme != "unix" and path and not path.isdigit():
-            raise RedlockConfigError(
-                f"server {redact(text)!r} has database {path!r}; the path of a Redis URL is a "
-                "database number, e.g. 'redis://host:6379/0'"
-            )
-        return _from_kwargs(kwargs)
+        return _parse_url(text)
     match = _HOST_PORT.match(text)
     if match is None:
         raise RedlockConfigError(
@@ -303,6 +469,16 @@ _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _KERNEL_TIMEOUTS = sys.platform.startswith("linux")
 
 
+def _timeval(seconds: float) -> bytes:
+    """``seconds`` as the struct timeval of SO_RCVTIMEO/SO_SNDTIMEO: at least 1 µs,
+    since a timeval of zero means no timeout at all (a read would wait for ever)."""
+    whole = int(seconds)
+    micro = int((seconds - whole) * 1_000_000)
+    if whole <= 0 and micro <= 0:
+        whole, micro = 0, 1
+    return struct.pack("ll", whole, micro)
+
+
 #: The scripts every new connection loads (SCRIPT LOAD is idempotent on a node). Every
 #: script a call may leave unread (``enough``) is among them: an unread NOSCRIPT is only
 #: answered by the connection's next call.
@@ -385,6 +561,11 @@ def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
 #: Most replies a connection may leave unread for its next call to read (see
 #: Fanout.call): a call on a connection owing this many reads them and its own.
 MAX_OWED = 8
+
+#: A read that starts while more than this share of the timeout is left before the
+#: call's deadline blocks in the kernel with the whole timeout (it can overrun the
+#: deadline by a tenth of the timeout at most); a later one waits for what is left.
+_PROMPT = 0.9
 
 #: Seconds a node is skipped after it failed or timed out, so that a stalled
 #: node costs one timeout per cool-down, not one per call (a reconnect to a
@@ -482,8 +663,7 @@ class _Wire:
         if self.kernel_timed:
             # The kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO): Python's own
             # timeout would poll() before every send and receive.
-            seconds = int(self.timeout)
-            packed = struct.pack("ll", seconds, int((self.timeout - seconds) * 1_000_000))
+            packed = _timeval(self.timeout)
             self.sock.settimeout(None)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, packed)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, packed)
@@ -508,7 +688,13 @@ class _Wire:
             return self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}"))
         return self.fail(redis.ConnectionError(f"error writing to {self.node.name}: {exc}"))
 
-    def read(self) -> Reply:
+    def read(self, until: float | None = None) -> Reply:
+        """The next reply. ``until``: the call's deadline (monotonic); a read that
+        would wait past it (by more than a tenth of the timeout) waits only until it.
+
+        A read started soon after the sends blocks in the kernel as ever (no extra
+        system call); a later one waits for what is left of the deadline.
+        """
         if not self.raw:
             try:
                 return self.conn.read_response()
@@ -534,7 +720,10 @@ class _Wire:
                     self.buf = buf[pos:]
                     return value
             try:
-                chunk = self.sock.recv(65536)
+                if until is not None and until - time.monotonic() < self.timeout * _PROMPT:
+                    chunk = self._recv_by(until)
+                else:
+                    chunk = self.sock.recv(65536)
             except _TIMEOUTS:
                 raise self.fail(
                     redis.TimeoutError(f"no reply from {self.node.name} within {self.timeout}s")
@@ -553,6 +742,23 @@ class _Wire:
                 raise self.fail(redis.ConnectionError(f"{self.node.name} closed the connection"))
             buf += chunk
             self.used = True
+
+    def _recv_by(self, until: float) -> bytes:
+        """What comes before ``until``; raises TimeoutError when nothing does."""
+        sock = self.sock
+        chunk: bytes
+        if _DONTWAIT and self.kernel_timed:
+            with contextlib.suppress(BlockingIOError):
+                chunk = sock.recv(65536, _DONTWAIT)
+                return chunk
+        elif hasattr(sock, "pending") and sock.pending():  # TLS: already decrypted
+            chunk = sock.recv(65536)
+            return chunk
+        left = until - time.monotonic()
+        if left <= 0 or not _readable(sock, left):
+            raise TimeoutError
+        chunk = sock.recv(65536)
+        return chunk
 
     def ready(self) -> bool:
         """True when a reply can be read without waiting."""
@@ -605,12 +811,12 @@ class _Wire:
             self.used = True
         return chunk
 
-    def settle(self) -> list[Callable[[], bytes]]:
+    def settle(self, until: float | None = None) -> list[Callable[[], bytes]]:
         """Read the replies owed by earlier calls; the EVALs to re-send for NOSCRIPT ones."""
         owed, self.owed = self.owed, []
         redo = []
         for fallback in owed:
-            if type(self.read()) is NoScriptError and fallback is not None:
+            if type(self.read(until)) is NoScriptError and fallback is not None:
                 redo.append(fallback)
         return redo
 
@@ -676,27 +882,32 @@ def _send(wire: _Wire, packed: bytes, replies: list[Reply], i: int, settle: bool
         return False
 
 
-def _connect_together(wires: Sequence[_Wire]) -> None:
-    """Open several connections at once, so k stalled nodes cost one timeout, not k.
+def _connect_together(wires: Sequence[_Wire], which: Sequence[int]) -> dict[int, Exception]:
+    """Open the connections ``wires[i]`` for ``i`` in ``which`` at once, so k stalled
+    nodes cost one timeout, not k; the error of each that failed, by index.
 
-    Only on (re)connect, when more than one node needs it; errors are left for
-    the send that follows (the node is then cooling down, with the reason).
+    Only on (re)connect, when more than one node needs it (a lone one is opened
+    by the send that follows, which raises its error itself).
     """
-    if len(wires) < 2:
-        return
+    failed: dict[int, Exception] = {}
+    if len(which) < 2:
+        return failed
 
-    def open_one(wire: _Wire) -> None:
-        with contextlib.suppress(*_IO_ERRORS):
-            wire.connect()
+    def open_one(i: int) -> None:
+        try:
+            wires[i].connect()
+        except _IO_ERRORS as exc:  # the node's own error, not "skipped after" it
+            failed[i] = exc
 
-    threads = [threading.Thread(target=open_one, args=(w,), daemon=True) for w in wires[1:]]
+    threads = [threading.Thread(target=open_one, args=(i,), daemon=True) for i in which[1:]]
     for thread in threads:
         thread.start()
     try:
-        open_one(wires[0])
+        open_one(which[0])
     finally:
         for thread in threads:
             thread.join()
+    return failed
 
 
 _FANOUTS: weakref.WeakSet[Fanout] = weakref.WeakSet()
@@ -806,11 +1017,13 @@ class Fanout:
         # reply an earlier call left on another node.
         deadline = time.monotonic() + self.timeout
         try:
-            _connect_together([wires[i] for i in order if wires[i].sock is None])
+            failed = _connect_together(wires, [i for i in order if wires[i].sock is None])
             held: set[int] = set()
             for i in order:
                 wire = wires[i]
-                if wire.owed and not any(wire.owed):
+                if failed and i in failed:
+                    replies[i] = failed[i]
+                elif wire.owed and not any(wire.owed):
                     # Only plain commands' replies are owed: nothing of theirs may have
                     # to run again, so this command follows them at once; the reading
                     # below takes theirs first.
@@ -821,6 +1034,9 @@ class Fanout:
                         sent.append(i)
                 else:
                     held.add(i)  # a script's reply is still on the way: sent below
+            # Every reply is read by one timeout after the sends: one node's slow
+            # reply does not start a full wait for the next node's.
+            until = time.monotonic() + self.timeout
             late = False
             for i in sorted([*sent, *held]) if held else sent:
                 wire = wires[i]
@@ -846,13 +1062,13 @@ class Fanout:
                 try:
                     try:
                         if wire.owed:  # plain replies sent for before this command
-                            wire.settle()
-                        reply = wire.read()
+                            wire.settle(until)
+                        reply = wire.read(until)
                     except _Stale:  # the server closed it while idle; our scripts are idempotent
                         wire.send(packed)
-                        reply = wire.read()
+                        reply = wire.read(until)
                     if type(reply) is NoScriptError:
-                        reply = _resend(wire, fallback, reply)
+                        reply = _resend(wire, fallback, reply, until)
                     replies[i] = reply
                     if ok is not None and ok(reply):
                         good += 1
@@ -887,16 +1103,20 @@ class Fanout:
         wires = [_Wire(node, timeout) for node in self.nodes]
         replies: list[list[Reply]] = [[] for _ in wires]
         try:
-            _connect_together(wires)
+            failed = _connect_together(wires, range(len(wires)))
             for i, wire in enumerate(wires):
+                if i in failed:
+                    replies[i] = [failed[i]] * len(commands)
+                    continue
                 try:
                     wire.send(b"".join(commands))
                 except _IO_ERRORS as exc:
                     replies[i] = [exc] * len(commands)
+            until = time.monotonic() + timeout
             for i, wire in enumerate(wires):
                 while len(replies[i]) < len(commands):
                     try:
-                        replies[i].append(wire.read())
+                        replies[i].append(wire.read(until))
                     except _Stale:
                         replies[i].extend(
                             [redis.ConnectionError(f"{wire.node.name} closed the connection")]
@@ -910,12 +1130,14 @@ class Fanout:
         return replies
 
 
-def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply) -> Reply:
+def _resend(
+    wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply, until: float | None = None
+) -> Reply:
     if fallback is None:
         return exc
     try:
         wire.send(fallback())
-        return wire.read()
+        return wire.read(until)
     except _Stale:
         return redis.ConnectionError(f"{wire.node.name} closed the connection")
     except _IO_ERRORS as exc2:

@@ -10,20 +10,25 @@ subcommand wherever celery_redlock is installed::
 
 Every command takes ``--json`` for scripts. Exit codes: 0 done, 1 nothing
 matched, 2 bad usage or too few nodes reachable.
+
+A node that fails (unreachable, timed out, or answering an error such as
+NOPERM or READONLY) is reported once with its error and skipped for the rest
+of the command; in ``--json`` output it is among ``unreachable`` and its error
+is in ``errors``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import click
 import redis
 
+from ._nodes import Node, _scrub
 from ._wakeup import channel
 from .beat import HANDOVER_PREFIX
 from .config import resolve_settings
@@ -36,6 +41,8 @@ __all__ = ["redlock"]
 EXIT_OK, EXIT_NO_MATCH, EXIT_USAGE = 0, 1, 2
 #: seconds the command waits for one node
 ADMIN_TIMEOUT = 2.0
+#: keys a dry run of ``clear`` names before it only counts the rest
+SHOWN_KEYS = 50
 #: the columns of ``status``'s table
 _STATUS_COLUMNS = (
     "node", "reachable", "version", "role", "rtt_ms",
@@ -107,57 +114,130 @@ def _task_of(key: str, prefix: str) -> str | None:
     return match["task"] if match else None
 
 
-#: Deletes KEYS[1] only when it is a string (what a lock is); 1 when deleted.
-_DELETE_STRING = (
-    "if redis.call('type', KEYS[1]).ok == 'string' then "
-    "return redis.call('del', KEYS[1]) end return 0"
+_T = TypeVar("_T")
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {_scrub(str(exc))}"
+
+
+class _Admin:
+    """One administrative client per node for a whole command, opened on first use
+    and closed at the end; a node that fails once (unreachable, timed out, or an
+    error such as NOPERM or READONLY) is skipped after, its error kept to report."""
+
+    def __init__(self, manager: Redlock) -> None:
+        self.nodes: tuple[Node, ...] = manager.nodes
+        self.quorum = manager.quorum
+        self.errors: dict[str, BaseException] = {}
+        self._clients: dict[str, redis.Redis] = {}
+
+    def on(self, node: Node, action: Callable[[redis.Redis], _T]) -> _T | None:
+        """``action(client)`` on ``node``; None when the node failed, now or before."""
+        if node.name in self.errors:
+            return None
+        client = self._clients.get(node.name)
+        if client is None:
+            client = self._clients[node.name] = node.client(ADMIN_TIMEOUT)
+        try:
+            return action(client)
+        except Exception as exc:  # kept, with its reason, and the node skipped after
+            self.errors[node.name] = exc
+            return None
+
+    @property
+    def down(self) -> list[str]:
+        """The nodes that failed, in the configured order."""
+        return [node.name for node in self.nodes if node.name in self.errors]
+
+    def too_few(self) -> bool:
+        return len(self.nodes) - len(self.errors) < self.quorum
+
+    def report(self) -> dict[str, Any]:
+        """The failed nodes for ``--json``: ``unreachable`` (names) and ``errors``."""
+        return {
+            "unreachable": self.down,
+            "errors": {name: _reason(self.errors[name]) for name in self.down},
+        }
+
+    def warn(self, then: str) -> None:
+        """One warning per failed node, with its error, then ``then``."""
+        for name in self.down:
+            exc = self.errors[name]
+            unreachable = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError))
+            if unreachable and not isinstance(exc, redis.AuthenticationError):
+                what = "is unreachable"
+            else:
+                what = "failed"
+            click.echo(f"warning: {name} {what} ({_reason(exc)}); {then}", err=True)
+
+    def close(self) -> None:
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            _close(client)
+
+
+def _close(client: redis.Redis) -> None:
+    """Close ``client`` and its connections (close() leaves a pool it was given open)."""
+    try:
+        client.close()
+    finally:
+        client.connection_pool.disconnect()
+
+
+#: Deletes KEYS[1] only when it is a string (what a lock is), then wakes its waiters
+#: (ARGV[1] the channel, ARGV[2] the message); 1 when deleted. The announcement is
+#: pcall'd: an ACL denying the channel does not undo or hide the delete.
+_DELETE_LOCK = (
+    "if redis.call('type', KEYS[1]).ok ~= 'string' then return 0 end "
+    "redis.call('del', KEYS[1]) "
+    "redis.pcall('publish', ARGV[1], ARGV[2]) "
+    "return 1"
 )
 
 
-def _delete(manager: Redlock, key: str) -> tuple[int, list[str]]:
-    """Delete ``key`` on every node whoever holds it: how many had it, and the unreachable nodes.
+def _delete(admin: _Admin, key: bytes) -> int:
+    """Delete the lock ``key`` on every node that has not failed, whoever holds it;
+    how many had it. Waiters for the lock are woken as by a release.
 
-    Waiters for the lock are woken as by a release.
+    A lock is a string; a list, hash or set of that name (a Celery queue on the
+    broker's Redis) is not one, and is left alone.
     """
     count = 0
-    down: list[str] = []
-    for node in manager.nodes:
-        client = node.client(ADMIN_TIMEOUT)
-        try:
-            # A lock is a string; a list, hash or set of that name (a Celery queue on
-            # the broker's Redis) is not one, and is left alone.
-            if client.eval(_DELETE_STRING, 1, key):
-                count += 1
-                with contextlib.suppress(redis.ResponseError):  # an ACL denying the channel
-                    client.publish(channel(key.encode()), key)
-        except Exception:
-            down.append(node.name)
-        finally:
-            client.close()
-    return count, down
+    for node in admin.nodes:
+        deleted = admin.on(node, lambda c: c.eval(_DELETE_LOCK, 1, key, channel(key), key))
+        if deleted:
+            count += 1
+    return count
 
 
-def _too_few(manager: Redlock, down: Sequence[str]) -> bool:
-    return len(manager.nodes) - len(down) < manager.quorum
-
-
-def _scan(manager: Redlock, prefix: str) -> tuple[list[str], list[str]]:
-    """Keys under ``prefix`` on any node (SCAN, never KEYS), and the unreachable nodes."""
-    keys: set[str] = set()
-    down: list[str] = []
+def _scan(admin: _Admin, prefix: str, strings: bool = False) -> dict[str, bytes]:
+    """Keys under ``prefix`` on any node that answers (SCAN, never KEYS), by their
+    text: their bytes. ``strings``: only string keys (locks; TYPE, batched)."""
+    keys: dict[str, bytes] = {}
     pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
-    for node in manager.nodes:
-        client = node.client(ADMIN_TIMEOUT)
-        try:
-            for raw in client.scan_iter(match=pattern, count=1000):
-                key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if not key.endswith(FENCE_SUFFIX):
-                    keys.add(key)
-        except Exception:
-            down.append(node.name)
-        finally:
-            client.close()
-    return sorted(keys), down
+
+    def scan(client: redis.Redis) -> None:
+        found: list[bytes] = []
+        for raw in client.scan_iter(match=pattern, count=1000):
+            raw = raw if isinstance(raw, bytes) else str(raw).encode()
+            if not raw.endswith(FENCE_SUFFIX.encode()):
+                found.append(raw)
+        if strings:
+            kept: list[bytes] = []
+            for start in range(0, len(found), 1000):
+                batch = found[start : start + 1000]
+                pipe = client.pipeline(transaction=False)
+                for raw in batch:
+                    pipe.type(raw)
+                kept.extend(raw for raw, kind in zip(batch, pipe.execute()) if kind == b"string")
+            found = kept
+        for raw in found:
+            keys[raw.decode("utf-8", "replace")] = raw
+
+    for node in admin.nodes:
+        admin.on(node, scan)
+    return dict(sorted(keys.items()))
 
 
 def _locks(manager: Redlock, keys: Sequence[str], prefix: str) -> list[dict[str, Any]]:
@@ -223,7 +303,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
             except Exception:
                 rtt = None
             finally:
-                client.close()
+                _close(client)
         row = {
             "node": node.name,
             "reachable": fact["reachable"] == "yes",
@@ -299,27 +379,35 @@ def list_(ctx: click.Context, prefix: str | None, as_json: bool) -> None:
     out = _Out(as_json)
     manager, settings = _manager(ctx, out)
     prefix = settings.key_prefix if prefix is None else prefix
-    keys, down = _scan(manager, prefix)
-    if _too_few(manager, down):
+    admin = _Admin(manager)
+    try:
+        keys = list(_scan(admin, prefix))
+        if admin.too_few():
+            _fail(
+                out,
+                f"too few nodes reachable to list locks ({len(manager.nodes) - len(admin.down)} "
+                f"of {len(manager.nodes)}, quorum {manager.quorum}); {_failures(admin)}; "
+                "see `celery redlock status`",
+                **admin.report(),
+            )
+        rows = _locks(manager, keys, settings.key_prefix)
+    finally:
+        admin.close()
         manager.close()
-        _fail(
-            out,
-            f"too few nodes reachable to list locks ({len(manager.nodes) - len(down)} of "
-            f"{len(manager.nodes)}, quorum {manager.quorum}); unreachable: {', '.join(down)}; "
-            "see `celery redlock status`",
-            unreachable=down,
-        )
-    rows = _locks(manager, keys, settings.key_prefix)
-    manager.close()
     if as_json:
-        click.echo(json.dumps({"ok": True, "prefix": prefix, "locks": rows, "unreachable": down}))
-    elif rows:
-        out.table(rows, ["key", "holder", "task", "ttl", "nodes", "quorum"])
+        click.echo(json.dumps({"ok": True, "prefix": prefix, "locks": rows, **admin.report()}))
     else:
-        click.echo(f"no locks under {prefix!r}")
-    for name in down if not as_json else ():
-        click.echo(f"warning: {name} is unreachable; its keys are not shown", err=True)
+        if rows:
+            out.table(rows, ["key", "holder", "task", "ttl", "nodes", "quorum"])
+        else:
+            click.echo(f"no locks under {prefix!r}")
+        admin.warn("its keys are not shown")
     ctx.exit(EXIT_OK if rows else EXIT_NO_MATCH)
+
+
+def _failures(admin: _Admin) -> str:
+    """The failed nodes and their errors, for an error message."""
+    return "failed: " + "; ".join(f"{name} ({_reason(admin.errors[name])})" for name in admin.down)
 
 
 _FORCE_HELP = (
@@ -344,65 +432,105 @@ def release(ctx: click.Context, key: str, force: bool, as_json: bool) -> None:
     if not force:
         _fail(out, f"not released: {key!r}. {_FORCE_HELP}")
     manager, _ = _manager(ctx, out)
+    admin = _Admin(manager)
     try:
-        count, down = _delete(manager, key)
+        count = _delete(admin, key.encode())
     finally:
+        admin.close()
         manager.close()
-    if _too_few(manager, down):
+    if admin.too_few():
         _fail(
             out,
-            f"{key!r} deleted on {count} node(s), but {len(down)} of {len(manager.nodes)} "
-            f"are unreachable ({', '.join(down)}): it may still be held there until its TTL "
-            "runs out; run it again when they are back (`celery redlock status`)",
+            f"{key!r} deleted on {count} node(s), but {len(admin.down)} of "
+            f"{len(manager.nodes)} failed ({_failures(admin)}): it may still be held there "
+            "until its TTL runs out; run it again when they are back (`celery redlock status`)",
             key=key,
             nodes=count,
-            unreachable=down,
+            **admin.report(),
         )
     if as_json:
-        click.echo(json.dumps({"ok": count > 0, "key": key, "nodes": count, "unreachable": down}))
+        click.echo(json.dumps({"ok": count > 0, "key": key, "nodes": count, **admin.report()}))
     else:
         click.echo(f"released {key} on {count} node(s)" if count else f"no lock {key!r}")
-        for name in down:
-            click.echo(f"warning: {name} is unreachable; the key may remain there", err=True)
+        admin.warn("the key may remain there")
     ctx.exit(EXIT_OK if count else EXIT_NO_MATCH)
 
 
 @redlock.command()
 @click.option("--prefix", default=None, help="Key prefix (default: redlock_key_prefix).")
 @click.option("--force", is_flag=True, help="Really delete them (required).")
+@click.option(
+    "--any-prefix",
+    is_flag=True,
+    help="Allow a --prefix outside redlock_key_prefix (it may match other data).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def clear(ctx: click.Context, prefix: str | None, force: bool, as_json: bool) -> None:
-    """Delete every lock under the prefix on every node (needs --force)."""
+def clear(
+    ctx: click.Context, prefix: str | None, force: bool, any_prefix: bool, as_json: bool
+) -> None:
+    """Delete every lock under the prefix on every node (needs --force).
+
+    Without --force, names the locks it would delete. A --prefix that does not
+    start with redlock_key_prefix needs --any-prefix: under it, any string key
+    (a Celery result, another app's data) counts as a lock.
+    """
     out = _Out(as_json)
     manager, settings = _manager(ctx, out)
     prefix = settings.key_prefix if prefix is None else prefix
     if not prefix:
         manager.close()
         _fail(out, "refusing to clear with an empty prefix; name the prefix of your locks")
-    keys, down = _scan(manager, prefix)
-    # Only lock keys (a string token): other data under the prefix is left alone.
-    locks = [row["key"] for row in _locks(manager, keys, settings.key_prefix)]
-    if not force:
+    if not prefix.startswith(settings.key_prefix) and not any_prefix:
         manager.close()
-        _fail(out, f"not cleared: {len(locks)} lock(s) under {prefix!r}. {_FORCE_HELP}")
-    cleared = []
-    for key in locks:
-        count, gone = _delete(manager, key)
-        down.extend(name for name in gone if name not in down)
-        if count:
-            cleared.append(key)
-    manager.close()
+        _fail(
+            out,
+            f"refusing to clear under {prefix!r}: it does not start with the lock key prefix "
+            f"{settings.key_prefix!r} (redlock_key_prefix), so it may match other data "
+            "(Celery results, another app's keys); to clear it all the same, pass "
+            "--any-prefix (without --force first, to see the keys)",
+        )
+    admin = _Admin(manager)
+    try:
+        # Only lock keys (a string token): other data under the prefix is left alone.
+        locks = _scan(admin, prefix, strings=True)
+        if not force:
+            _dry_run(out, admin, prefix, list(locks))
+        cleared = [key for key, raw in locks.items() if _delete(admin, raw)]
+    finally:
+        admin.close()
+        manager.close()
     if as_json:
         click.echo(
             json.dumps(
-                {"ok": bool(cleared), "prefix": prefix, "cleared": cleared, "unreachable": down}
+                {"ok": bool(cleared), "prefix": prefix, "cleared": cleared, **admin.report()}
             )
         )
     else:
         click.echo(f"cleared {len(cleared)} lock(s) under {prefix!r}")
-        for name in down:
-            click.echo(f"warning: {name} is unreachable; its keys remain", err=True)
-    if _too_few(manager, down):
+        admin.warn("its keys remain")
+    if admin.too_few():
         ctx.exit(EXIT_USAGE)
     ctx.exit(EXIT_OK if cleared else EXIT_NO_MATCH)
+
+
+def _dry_run(out: _Out, admin: _Admin, prefix: str, locks: list[str]) -> NoReturn:
+    """Name the locks ``clear`` would delete (the first :data:`SHOWN_KEYS`), then exit 2."""
+    shown = locks[:SHOWN_KEYS]
+    more = len(locks) - len(shown)
+    if not out.as_json:
+        if locks:
+            click.echo(f"would clear {len(locks)} lock(s) under {prefix!r}:")
+        for key in shown:
+            click.echo(f"  {key}")
+        if more:
+            click.echo(f"  ... and {more} more")
+        admin.warn("its keys are not counted")
+    _fail(
+        out,
+        f"not cleared: {len(locks)} lock(s) under {prefix!r}. {_FORCE_HELP}",
+        prefix=prefix,
+        count=len(locks),
+        locks=shown,
+        **admin.report(),
+    )

@@ -265,6 +265,7 @@ def test_release_force_deletes_the_key_on_every_node(
         "key": TASK_KEY,
         "nodes": 0,
         "unreachable": [],
+        "errors": {},
     }
 
 
@@ -409,3 +410,221 @@ def test_list_shows_a_beat_lock_handed_over_as_such(
         "(beat leader)",
         "(handed over by a beat that stopped)",
     )
+
+
+# -- failing nodes: reported once, with their own error ---------------------------------
+
+
+def test_status_names_a_refused_connection_itself_not_a_cool_down(
+    cli: Run, redis_urls: list[str]
+) -> None:
+    result = cli([*redis_urls[:2], DEAD[0]], "status", "--json")
+    assert result.exit_code == 0, result.output
+    error = json.loads(result.stdout)["nodes"][2]["error"]
+    assert "Connection refused" in error, error
+    assert "skipped" not in error, error
+
+
+def lock_keys(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i:03d}:" + f"{i:02x}" * 32 for i in range(count)]
+
+
+def test_clear_skips_a_hung_node_after_its_first_timeout_and_names_the_timeout(
+    cli: Run, fresh_nodes: Callable[..., list[RedisServer]]
+) -> None:
+    """One node of three stops answering: it costs one admin timeout (2 s), not one
+    per key; it is reported once, with the timeout; the others are cleared."""
+    nodes = fresh_nodes(3)
+    urls = [n.url for n in nodes]
+    keys = lock_keys("redlock:job.", 8)
+    for client in clients(urls):
+        for key in keys:
+            client.set(key, "token", px=60_000)
+    nodes[2].pause()
+    try:
+        started = time.monotonic()
+        result = cli(urls, "clear", "--force", "--json")
+        took = time.monotonic() - started
+    finally:
+        nodes[2].resume()
+    assert took < 12.0, took  # one 2 s timeout; one per key would be 8 x 2 s more
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert sorted(report["cleared"]) == keys
+    hung = f"{nodes[2].host}:{nodes[2].port}"
+    assert report["unreachable"] == [hung]
+    assert "Timeout" in report["errors"][hung], report["errors"]
+    assert [c.dbsize() for c in clients(urls)] == [0, 0, len(keys)]
+
+
+def test_clear_reports_a_node_refusing_eval_with_its_noperm_error_once(
+    cli: Run, redis_urls: list[str], fresh_nodes: Callable[..., list[RedisServer]]
+) -> None:
+    (limited,) = fresh_nodes(1)
+    with limited.client() as admin:
+        admin.execute_command(
+            "ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all",
+            "-eval", "-evalsha", "-eval_ro", "-evalsha_ro",
+        )  # fmt: skip
+    urls = [*redis_urls[:2], f"redis://limited:pw@{limited.host}:{limited.port}/0"]
+    keys = lock_keys("redlock:job.", 3)
+    for client in [*clients(redis_urls[:2]), limited.client()]:
+        for key in keys:
+            client.set(key, "token", px=60_000)
+    result = cli(urls, "clear", "--force")
+    assert result.exit_code == 0, result.output
+    assert "cleared 3 lock(s)" in result.stdout
+    name = f"{limited.host}:{limited.port}"
+    assert result.stderr.count(name) == 1, result.stderr  # once, not once per key
+    assert f"warning: {name} failed (NoPermissionError: " in result.stderr
+    assert "no permissions to run the 'eval' command" in result.stderr
+    assert "unreachable" not in result.stderr
+    assert "pw@" not in result.output
+
+
+class DropOnPublish:
+    """A TCP proxy to ``port`` that closes a connection when it carries a PUBLISH
+    command: a node whose connection breaks between a delete and its wake-up."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+
+        self.upstream = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self.socks += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, check: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if check and b"\r\nPUBLISH\r\n" in data.upper():
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.socks:
+            sock.close()
+
+
+def test_release_counts_a_node_whose_wake_up_fails_after_the_delete_as_released_only(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    urls, manager = three
+    manager.acquire(TASK_KEY, 30, "task-id-1")
+    proxy = DropOnPublish(int(urls[0].rsplit(":", 1)[1].split("/")[0]))
+    try:
+        result = cli(
+            [f"redis://127.0.0.1:{proxy.port}/0", *urls[1:]],
+            "release",
+            TASK_KEY,
+            "--force",
+            "--json",
+        )
+    finally:
+        proxy.close()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert (report["nodes"], report["unreachable"]) == (3, [])
+    assert report["errors"] == {}
+    assert not any(c.exists(TASK_KEY) for c in clients(urls))
+
+
+def test_a_command_closes_every_connection_it_opens(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    import gc
+
+    urls, manager = three
+    for key in lock_keys("redlock:job.", 5):
+        manager.acquire(key, 30)
+    watcher = clients(urls[:1])[0]
+
+    def connected() -> int:
+        return len(watcher.client_list())
+
+    def settled(count: int) -> int:
+        """The connections, once the server has seen closed ones go (up to 2 s)."""
+        deadline = time.monotonic() + 2.0
+        while (now := connected()) != count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return now
+
+    before = connected()
+    gc.disable()  # not left to the garbage collector
+    try:
+        for args in (["status"], ["list"], ["clear"], ["clear", "--force"]):
+            cli(urls, *args)
+            assert settled(before) == before, args
+    finally:
+        gc.enable()
+
+
+# -- clear: the prefix and the dry run ------------------------------------------------------
+
+
+def test_clear_refuses_a_prefix_outside_the_lock_prefix_unless_told(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    """Celery's results (strings, like locks) under another prefix: not cleared by a
+    --prefix naming them unless --any-prefix says so."""
+    urls, manager = three
+    manager.acquire(TASK_KEY, 30, "task-id-1")
+    meta = "celery-task-meta-0d5c6a"
+    for client in clients(urls):
+        client.set(meta, '{"status": "SUCCESS"}')
+    result = cli(urls, "clear", "--prefix", "celery-task-meta-", "--force")
+    assert result.exit_code == 2
+    assert "does not start with the lock key prefix 'redlock:'" in result.stderr
+    assert "--any-prefix" in result.stderr
+    assert all(c.exists(meta) for c in clients(urls))
+    dry = cli(urls, "clear", "--prefix", "celery-task-meta-", "--any-prefix")
+    assert dry.exit_code == 2
+    assert meta in dry.stdout
+    assert all(c.exists(meta) for c in clients(urls))
+    done = cli(urls, "clear", "--prefix", "celery-task-meta-", "--any-prefix", "--force")
+    assert done.exit_code == 0, done.output
+    assert not any(c.exists(meta) for c in clients(urls))
+    assert manager.holder(TASK_KEY) == "task-id-1"  # under the prefix, not asked for
+    narrower = cli(urls, "clear", "--prefix", "redlock:proj.", "--force")
+    assert narrower.exit_code == 0, narrower.output  # under the lock prefix: no flag needed
+    assert manager.holder(TASK_KEY) is None
+
+
+def test_clear_without_force_names_the_locks_then_counts_the_rest(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    from celery_redlock.cli import SHOWN_KEYS
+
+    urls, _ = three
+    keys = lock_keys("redlock:myapp.", SHOWN_KEYS + 7)
+    for client in clients(urls):
+        client.mset(dict.fromkeys(keys, "token"))
+    result = cli(urls, "clear", "--prefix", "redlock:myapp.")
+    assert result.exit_code == 2
+    listed = [line.strip() for line in result.stdout.splitlines()]
+    assert listed[0] == f"would clear {len(keys)} lock(s) under 'redlock:myapp.':"
+    assert listed[1 : 1 + SHOWN_KEYS] == keys[:SHOWN_KEYS]
+    assert listed[1 + SHOWN_KEYS] == "... and 7 more"
+    assert f"not cleared: {len(keys)} lock(s) under 'redlock:myapp.'" in result.stderr
+    report = json.loads(cli(urls, "clear", "--prefix", "redlock:myapp.", "--json").stdout)
+    assert (report["ok"], report["count"], report["locks"]) == (False, len(keys), keys[:SHOWN_KEYS])
+    assert all(c.dbsize() == len(keys) for c in clients(urls))

@@ -618,3 +618,211 @@ def test_only_the_standard_library_s_own_socket_counts_as_plain() -> None:
         module, plain = done.stdout.split()
         assert module.startswith(green.split(".")[0]), module
         assert plain == "False"
+
+
+# --------------------------------------------------------------------------
+# The fan-out's deadline, against fake servers on real sockets
+
+
+class SlowServer:
+    """A TCP server speaking just enough RESP for a lock connection: HELLO's map,
+    +OK to every other command (CLIENT SETINFO, SCRIPT LOAD, ECHO), and to PING
+    +PONG after ``delay`` seconds (None: never)."""
+
+    def __init__(self, delay: float | None) -> None:
+        import socket as socket_mod
+        import threading
+
+        self.delay = delay
+        self.listener = socket_mod.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: Any) -> None:
+        buf = b""
+        try:
+            while data := conn.recv(65536):
+                buf += data
+                while True:
+                    try:
+                        command, end = _nodes._parse(buf, 0)
+                    except _nodes._Incomplete:
+                        break
+                    buf = buf[end:]
+                    if command[0].upper() == b"HELLO":  # redis-py asks for RESP3
+                        conn.sendall(b"%1\r\n$5\r\nproto\r\n:3\r\n")
+                    elif command[0].upper() != b"PING":
+                        conn.sendall(b"+OK\r\n")
+                    elif self.delay is not None:
+                        time.sleep(self.delay)
+                        conn.sendall(b"+PONG\r\n")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def slow_servers() -> Any:
+    made: list[SlowServer] = []
+
+    def make(*delays: float | None) -> list[SlowServer]:
+        servers = [SlowServer(delay) for delay in delays]
+        made.extend(servers)
+        return servers
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def fanout_to(servers: list[SlowServer], timeout: float) -> Fanout:
+    return Fanout(parse_servers([f"127.0.0.1:{s.port}" for s in servers]), timeout)
+
+
+def test_replies_that_each_come_within_a_timeout_of_the_last_are_not_waited_for_in_turn(
+    slow_servers: Any,
+) -> None:
+    """Four nodes answering 0, 0.6, 1.2 and 1.8 timeouts after the sends: each reply
+    comes within one timeout of the one before it, but the call must not wait 1.8
+    timeouts. Replies not there one timeout after the sends are timeouts, and their
+    connections are closed (the late replies are never read as another's answer)."""
+    timeout = 1.0
+    servers = slow_servers(0.0, 0.6 * timeout, 1.2 * timeout, 1.8 * timeout)
+    fanout = fanout_to(servers, timeout)
+    assert fanout.call(pack("ECHO", "x")) == [b"OK"] * 4  # connected
+    started = time.monotonic()
+    replies = fanout.call(pack("PING"))
+    took = time.monotonic() - started
+    assert replies[:2] == [b"PONG", b"PONG"]
+    assert all(isinstance(r, redis.TimeoutError) for r in replies[2:]), replies
+    assert took < 1.6 * timeout, took  # ~1.0 timeout; without the deadline 1.8
+    wires = fanout._idle[0]
+    assert [w.sock is None for w in wires] == [False, False, True, True]
+    time.sleep(_nodes.NODE_COOLDOWN + 0.9 * timeout)  # the late PONGs have gone out
+    assert fanout.call(pack("ECHO", "x")) == [b"OK"] * 4  # no PONG read as a reply
+    fanout.close()
+
+
+def test_replies_that_come_at_once_are_read_without_any_extra_wait(
+    slow_servers: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The benchmarked path: prompt replies are read by the plain blocking recv,
+    never by the deadline-bounded one (no poll, no non-blocking retry)."""
+
+    def bounded(*args: object) -> bytes:
+        raise AssertionError("a prompt reply went through the bounded read")
+
+    monkeypatch.setattr(_nodes._Wire, "_recv_by", bounded)
+    fanout = fanout_to(slow_servers(0.0, 0.0, 0.0), 2.0)
+    for _ in range(20):
+        assert fanout.call(pack("PING")) == [b"PONG"] * 3
+    fanout.close()
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_read_with_a_deadline_waits_no_longer_than_the_deadline(kernel: bool) -> None:
+    """A socket whose own timeout is 5 s, read with a deadline 0.2 s away: a timeout
+    by the deadline, the connection closed and the node cooling down."""
+    import socket as socket_mod
+
+    from celery_redlock._nodes import _Health, _Wire
+
+    a, b = socket_mod.socketpair()
+    try:
+        wire = _Wire(parse_server("h:1"), 5.0, _Health())
+        if kernel:
+            a.settimeout(None)
+            a.setsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_RCVTIMEO, _nodes._timeval(5.0))
+        else:
+            a.settimeout(5.0)
+        wire.sock, wire.raw, wire.buf, wire.conn, wire.used = a, True, b"", None, False
+        wire.kernel_timed = kernel
+        b.sendall(b"+OK\r\n")
+        assert wire.read(time.monotonic() + 0.2) == b"OK"  # a reply there: read at once
+        started = time.monotonic()
+        with pytest.raises(redis.TimeoutError):
+            wire.read(time.monotonic() + 0.2)
+        assert time.monotonic() - started < 2.5
+        assert wire.sock is None
+        assert wire.health.down_until > time.monotonic()
+    finally:
+        a.close()
+        b.close()
+
+
+class PairConnection:
+    """A connection (as redis-py's classes are built) over a socketpair whose peer
+    answers the scripts a new connection loads, then nothing more."""
+
+    def __init__(self, **kwargs: object) -> None:
+        self._sock: Any = None
+        self.peer: Any = None
+
+    def connect(self) -> None:
+        import socket as socket_mod
+
+        self._sock, self.peer = socket_mod.socketpair()
+        self.peer.sendall(b"+OK\r\n" * len(_nodes._PRELOADED))
+
+    def disconnect(self) -> None:
+        for sock in (self._sock, self.peer):
+            if sock is not None:
+                sock.close()
+
+
+def test_a_timeout_under_a_microsecond_still_times_out() -> None:
+    """A timeval of (0, 0) is no timeout at all: a node that never answers would
+    hold the call for ever."""
+    import struct
+    import threading
+
+    node = Node("pair:1", PairConnection, ())  # type: ignore[arg-type]
+    fanout = Fanout([node], 5e-7)
+    got: list[Any] = []
+    thread = threading.Thread(target=lambda: got.extend(fanout.call(pack("PING"))), daemon=True)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive(), "the call hangs"
+    assert isinstance(got[0], redis.TimeoutError), got
+    assert _nodes._timeval(5e-7) == struct.pack("ll", 0, 1)
+    assert _nodes._timeval(0.0) == struct.pack("ll", 0, 1)
+    assert _nodes._timeval(2.5) == struct.pack("ll", 2, 500_000)
+
+
+def test_nodes_refusing_connections_are_reported_with_their_own_error() -> None:
+    """Opened together, each refused connection's reply is its own error, not
+    "skipped for up to 1.0s after: ..." (that is for later calls, while cooling)."""
+    import socket as socket_mod
+
+    ports = []
+    for _ in range(2):
+        with socket_mod.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])  # closed: nothing listens there
+    fanout = Fanout(parse_servers([f"127.0.0.1:{port}" for port in ports]), 0.5)
+    for replies in (
+        fanout.call(pack("PING")),
+        [r[0] for r in fanout.admin_call([pack("PING")], 0.5)],
+    ):
+        for reply in replies:
+            assert isinstance(reply, redis.ConnectionError), replies
+            assert "skipped" not in str(reply)
+            assert "refused" in str(reply).lower()
+    cooling = fanout.call(pack("PING"))
+    assert all("skipped for up to" in str(r) and "refused" in str(r).lower() for r in cooling)
