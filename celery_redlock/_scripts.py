@@ -151,3 +151,17 @@ EXTEND = Script(
 # KEYS[1] the lock key.
 # Returns {token or nil, remaining TTL in ms (-2 when absent, -1 when no TTL)}.
 INSPECT = Script(b"return {redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}")
+
+# KEYS[1] a hash of times; ARGV[1] ms to keep the hash; ARGV[2], ARGV[3], ...
+# field, time pairs (times as decimal numbers).
+# Raises each field to its time (never lowers it), then keeps the hash ARGV[1] ms.
+# Returns 1. (A record of times each node keeps on its own: read back, the
+# highest time of each field on the nodes that answer is the latest noted.)
+RAISE_TIMES = Script(
+    b"for i = 2, #ARGV, 2 do "
+    b"local old = tonumber(redis.call('hget', KEYS[1], ARGV[i])) "
+    b"if not old or old < tonumber(ARGV[i + 1]) then "
+    b"redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end end "
+    b"redis.call('pexpire', KEYS[1], ARGV[1]) "
+    b"return 1"
+)

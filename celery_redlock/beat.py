@@ -7,11 +7,13 @@ Run every beat with the scheduler::
 Each instance tries to take the leader lock (setting
 ``redlock_beat_lock_key``, default ``{redlock_key_prefix}beat:{app.main}``)
 with a TTL of ``redlock_beat_ttl`` seconds (default 30). The one that holds
-it sends due tasks and renews the lock every third of the TTL. The others
-are standbys: they keep their schedule in step with the leader (each due
-entry is advanced as if sent, but nothing is sent) and try to take the lock
-every ``redlock_beat_poll`` seconds (default 1), so when the leader dies the
-next tick is sent by a standby within the TTL (plus one poll).
+it sends due tasks; the process's renewer thread (:mod:`.renewal`) extends
+the lock every third of the TTL, also while a send blocks (a broker
+reconnecting, a publish lock that waits). The others are standbys: they keep
+their schedule in step with the leader (each due entry is advanced as if
+sent, but nothing is sent) and try to take the lock every
+``redlock_beat_poll`` seconds (default 1), so when the leader dies the next
+tick is sent by a standby within the TTL (plus one poll).
 
 Each setting can also be set on a scheduler subclass, as a class attribute
 of the same name, which wins over ``app.conf`` (as a task attribute wins
@@ -23,30 +25,38 @@ over the app's setting for a task)::
 A leader whose renewal fails tries again while its lock is still valid. It
 stops sending at once and goes back to standby when a quorum says the key is
 gone or holds another beat's token, or when the lock's validity would run
-out before a send: it never crashes and never sends without a valid lock.
-On a clean shutdown it hands the lock over: the lock's token becomes
+out before a send: it never crashes, and it checks before each send that
+its lock is valid for a moment more (a process frozen in the middle of a
+send, past its TTL, sends it when it wakes: no lock can stop that).
+
+The leader notes each send that went through in a hash beside the lock
+(the lock's key and :data:`SENDS_SUFFIX`, on every node, kept
+:data:`SENDS_KEEP` after its last write). A new leader goes on from it:
+each entry's last run becomes its last noted send, so a due time a standby
+tick advanced past while the old leader was dead (its lock running out) is
+sent at once, and one the old leader sent is not sent again (also when the
+new leader's clock is behind, by up to ``HANDOVER_SKEW``, 60 s). An entry
+no leader noted a send of goes back to its time before this beat's standby
+ticks advanced it: no one sent those due times, so the last is sent once.
+
+On a clean shutdown the leader hands the lock over: the lock's token becomes
 :data:`HANDOVER_PREFIX` and the leader's last send of each entry, so a
 standby (or the next beat to start within ``redlock_beat_ttl``) takes it
-over at its next poll and goes on from those sends: an interval entry keeps
-the old leader's phase, a due time the old leader sent is not sent again
-(also when the new leader's clock is behind, by up to ``HANDOVER_SKEW``,
-60 s), one it had not sent is, and a scheduler caching its entries takes
-the old leader's sends into them.
+over at its next poll, not when the TTL runs out, and goes on from those
+sends and the record: an interval entry keeps the old leader's phase, and a
+scheduler caching its entries takes the old leader's sends into them.
 
-Limits, when the leader dies without a hand-over (SIGKILL, a lost host; the
-lock itself is never held by two): a standby takes over when the lock
-expires, from its own copy of the schedule:
+Limits:
 
-- an interval schedule (``"schedule": 10.0``) has the standby's own phase,
-  counted from when it started: its first send comes at least the TTL
-  after the old leader's last, but can come sooner than one interval after
-  it when the interval is longer than the TTL;
-- a crontab due time the dead leader sent is sent again only by a standby
-  whose clock is behind by more than the TTL;
+- a leader that dies after a send went out and before it was noted (a few
+  milliseconds), or whose notes reached fewer than a quorum of nodes, may
+  have that send made again by the next leader; a new leader that cannot
+  read the record from a quorum goes on from its own schedule;
+- an interval schedule (``"schedule": 10.0``) whose entry no leader sent
+  yet has each beat's own phase, counted from when it started;
 - with ``redlock_standby_ticks = False`` a standby does not tick, and a
   scheduler that caches its entries in memory (django-celery-beat reads
-  them once) still has the entries as it read them: whatever the dead
-  leader sent since then is due again for it.
+  them once) goes on from the record as above.
 
 For a job that must run at most once per period whatever the beats do, make
 it a ``RedlockTask`` with ``redlock_hold`` (a period, or a little less): a
@@ -73,8 +83,9 @@ from typing import Any
 
 from celery.beat import PersistentScheduler
 
+from . import renewal
 from .config import get_redlock, resolve_settings
-from .exceptions import LockExtendError, LockNotAcquired, RedlockConfigError, RedlockError, Vote
+from .exceptions import LockNotAcquired, RedlockConfigError, RedlockError
 from .redlock import Lock, Redlock
 
 __all__ = ["BEAT_DEFAULTS", "HANDOVER_PREFIX", "RedlockScheduler", "RedlockSchedulerMixin"]
@@ -100,6 +111,12 @@ HANDOVER_SKEW = 60.0
 #: Most bytes of a hand-over token (about 60 per entry): a larger schedule's
 #: leader releases its lock instead.
 HANDOVER_MAX = 64 * 1024
+#: The leader notes each send in a hash beside the lock (the lock's key and this
+#: suffix), on every node, for the next leader to go on from also when this one
+#: dies without a hand-over.
+SENDS_SUFFIX = ":sent"
+#: Seconds the record of sends is kept after its last write.
+SENDS_KEEP = 35 * 24 * 3600.0
 
 
 def _handed_time(name: object, stamp: object, limit: float) -> datetime | None:
@@ -184,11 +201,17 @@ class RedlockSchedulerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._leader: Lock | None = None
+        #: the renewer thread's watch on the leader lock: renewed also while a send
+        #: blocks, and marked lost when the lock is
+        self._watch: renewal.Watch | None = None
         self._standby_tick = False
+        #: entry name -> its last run as this beat's schedule had it before a standby
+        #: tick first advanced it without sending (see :meth:`_catch_up`)
+        self._dry_from: dict[str, Any] = {}
+        self._bids = 0
         #: entry name -> Unix time of its last send this beat knows of: its own
         #: (successful) sends as leader, and those a hand-over gave it
         self._sent: dict[str, float] = {}
-        self._next_renew = 0.0
         self._next_try = 0.0
         self._complaint = ""
         # Settings first: a bad one fails before the scheduler opens its store.
@@ -212,8 +235,11 @@ class RedlockSchedulerMixin:
         self.redlock_beat_ttl = self._ttl
         self.redlock_beat_poll = self._poll
         self._settings = settings
-        #: this instance's token in the leader lock: host, pid and a random part
-        self.redlock_beat_token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        #: this instance's name: host, pid and a random part; its token in the leader
+        #: lock is the name and the number of its bid (a new token each bid, so what
+        #: a failed bid left on a node is never re-armed by the next)
+        self._name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+        self.redlock_beat_token = self._name
         super().__init__(*args, **kwargs)
 
     # -- leadership -----------------------------------------------------------
@@ -231,8 +257,10 @@ class RedlockSchedulerMixin:
         """
         lock = self._leader
         margin = min(0.5, self._ttl / 10)
+        watch = self._watch
         return (
             lock is not None
+            and not (watch is not None and watch.lost)
             and lock.expires_at is not None
             and time.monotonic() + margin < lock.expires_at
         )
@@ -242,7 +270,9 @@ class RedlockSchedulerMixin:
         if now < self._next_try:
             return
         self._next_try = now + self._poll
-        self._sent = {}  # what others sent is known only from a hand-over
+        self._sent = {}  # what others sent is known from the record and a hand-over
+        self._bids += 1
+        self.redlock_beat_token = f"{self._name}:{self._bids}"
         try:
             self._leader = self.redlock.acquire(
                 self._key,
@@ -281,54 +311,104 @@ class RedlockSchedulerMixin:
             with contextlib.suppress(Exception):
                 self.redlock.release(self._key, self.redlock_beat_token)
             raise
+        lock = self._leader
+        assert lock is not None
+        self._watch = renewal.watch(lock, self._ttl, self._on_lost)
+        self._catch_up()
         if handed is not None:
             try:
                 self._go_on_from(handed)
             except Exception as exc:  # a token not of ours: go on from this beat's own state
-                self._sent = {}
                 logger.warning("beat: the handed-over leader lock could not be read: %r", exc)
         self._complaint = ""
-        self._next_renew = time.monotonic() + self._ttl / 3
         logger.info(
             "beat: leader now (lock %s, ttl %ss); sending due tasks",
             self._key,
             self._ttl,
         )
 
-    def _renew(self) -> None:
-        lock = self._leader
-        if lock is None:
-            return
-        taken = False  # the key is gone or another token's on too many nodes
+    def _on_lost(self, watch: renewal.Watch) -> None:
+        """From the renewer thread: the leader lock is lost (the key is gone or another
+        beat's on a quorum, or it could not be renewed before its validity ran out).
+        Sending stops at once (:attr:`is_leader`); the next tick steps down."""
+        logger.error(
+            "beat: the leader lock %s is lost (no longer this beat's on a quorum, or not "
+            "renewed in time); sending stops",
+            self._key,
+        )
+
+    def _sends_key(self) -> str:
+        return self._key + SENDS_SUFFIX
+
+    def _note_send(self, name: str, when: float) -> None:
+        """Note a send in the record beside the lock (best effort: a failure is logged)."""
         try:
-            renewed = self.redlock.extend(lock, self._ttl, strict=True)
-        except LockExtendError as exc:
-            renewed = False
-            manager = self.redlock
-            held = sum(1 for v in exc.votes if v.vote is Vote.HELD)
-            taken = held > len(manager.nodes) - manager.quorum
-        except RedlockError as exc:
-            logger.error("beat: renewing the leader lock failed: %s", exc)
-            renewed = False
-        if renewed:
-            self._next_renew = time.monotonic() + self._ttl / 3
-        elif taken:
-            # Deleted (celery redlock release, a flush) or taken by another beat: a
-            # standby may lead already, so stop sending now.
-            self._step_down("the leader lock is no longer this beat's on a quorum")
-        elif self.is_leader and lock.remaining is not None:
-            # Still valid beyond the send margin (one slow or failed node): try again
-            # soon rather than give up a lock a standby would have to wait out.
-            left = lock.remaining
-            self._next_renew = time.monotonic() + max(0.05, min(self._poll, left / 3))
-            logger.warning(
-                "beat: renewing the leader lock failed; %.1f s of it left, trying again", left
-            )
+            taken = self.redlock.raise_times(self._sends_key(), {name: when}, SENDS_KEEP)
+        except Exception as exc:
+            taken, why = 0, f": {exc}"
         else:
-            self._step_down(
-                "the leader lock could not be renewed before its validity ran out "
-                "(no quorum kept it, or this process was paused)"
+            why = ""
+        if taken < self.redlock.quorum:
+            logger.warning(
+                "beat: the send of %s was noted on %d of %d nodes%s; if this beat dies "
+                "before its next send of it, the next leader may send it again",
+                name,
+                taken,
+                len(self.redlock.nodes),
+                why,
             )
+
+    def _catch_up(self) -> None:
+        """As a new leader, go on from the last sends any leader noted (the record
+        beside the lock): each entry's last run becomes its last noted send, also
+        when a standby tick had advanced it past a due time that the old leader,
+        dead since, never sent; and an entry no leader noted a send of goes back
+        to its time before this beat's standby ticks advanced it (no one sent
+        those due times). Due times missed that way are then sent, once."""
+        try:
+            noted, answered = self.redlock.read_times(self._sends_key())
+        except Exception as exc:
+            logger.warning("beat: the record of sends could not be read: %s", exc)
+            noted, answered = {}, 0
+        dry, self._dry_from = self._dry_from, {}
+        if answered < self.redlock.quorum:
+            logger.warning(
+                "beat: the record of sends answered from %d of %d nodes: going on from "
+                "this beat's own schedule",
+                answered,
+                len(self.redlock.nodes),
+            )
+            return
+        limit = time.time() + HANDOVER_SKEW
+        schedule = self.schedule  # type: ignore[attr-defined]
+        changed = 0
+        for name, entry in schedule.items():
+            own = getattr(entry, "last_run_at", None)
+            stamp = noted.get(str(name))
+            when: datetime | None
+            if stamp is not None:
+                when = _handed_time(name, stamp, limit)
+                if when is None:
+                    continue
+                self._sent[str(name)] = float(stamp)
+                if isinstance(own, datetime):
+                    when = (
+                        when.replace(tzinfo=None)
+                        if own.tzinfo is None
+                        else when.astimezone(own.tzinfo)
+                    )
+            else:
+                before = dry.get(str(name))
+                if not isinstance(before, datetime):
+                    continue
+                when = before
+            if when != own:
+                entry.last_run_at = when
+                changed += 1
+        if changed and hasattr(self, "_heap"):
+            self._heap = None  # Celery's scheduler re-reads every entry's next time
+        if changed:
+            logger.info("beat: %d entries go on from the last sends noted by any leader", changed)
 
     def _go_on_from(self, token: str) -> None:
         """Take the old leader's sends into this beat's schedule.
@@ -414,9 +494,15 @@ class RedlockSchedulerMixin:
         logger.log(level if kind != self._complaint else logging.DEBUG, msg, *args)
         self._complaint = kind
 
+    def _stop_renewing(self) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.cancel()  # waits out a renewal in flight
+
     def _step_down(self, why: str) -> None:
         lock, self._leader = self._leader, None
         self._next_try = time.monotonic() + self._poll
+        self._stop_renewing()
         if lock is None:
             return
         logger.error("beat: stepping down to standby, sending stopped: %s", why)
@@ -432,8 +518,8 @@ class RedlockSchedulerMixin:
         """One scheduler iteration: keep or seek leadership, then tick (dry when standby)."""
         if self._leader is None:
             self._try_lead()
-        elif time.monotonic() >= self._next_renew:
-            self._renew()
+        elif self._watch is None or self._watch.lost:
+            self._step_down("the leader lock was lost")
         leading = self._leader is not None
         if not leading and not self.redlock_standby_ticks:
             return max(0.0, self._next_try - time.monotonic())
@@ -442,9 +528,9 @@ class RedlockSchedulerMixin:
             interval = float(super().tick(*args, **kwargs))  # type: ignore[misc]
         finally:
             self._standby_tick = False
-        now = time.monotonic()
-        wake = self._next_renew if leading else self._next_try
-        return max(0.0, min(interval, wake - now))
+        if leading:  # (the renewer thread keeps the lock)
+            return max(0.0, interval)
+        return max(0.0, min(interval, self._next_try - time.monotonic()))
 
     @property
     def info(self) -> str:
@@ -459,7 +545,10 @@ class RedlockSchedulerMixin:
     def apply_entry(self, entry: Any, producer: Any = None) -> None:
         """Send a due entry, only as a leader whose lock is valid; a standby skips it."""
         if self._standby_tick:
-            logger.debug("beat: standby, not sending %s", getattr(entry, "name", entry))
+            name = str(getattr(entry, "name", entry))
+            logger.debug("beat: standby, not sending %s", name)
+            # (The due time the tick now advances past: see _catch_up.)
+            self._dry_from.setdefault(name, getattr(entry, "last_run_at", None))
             return
         if not self.is_leader:
             logger.warning(
@@ -478,7 +567,8 @@ class RedlockSchedulerMixin:
             self.apply_entry(entry)  # says why, and steps down when the lock ran out
             return None
         result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
-        self._sent[str(entry.name)] = time.time()
+        sent = self._sent[str(entry.name)] = time.time()
+        self._note_send(str(entry.name), sent)
         return result
 
     def close(self) -> None:
@@ -492,10 +582,11 @@ class RedlockSchedulerMixin:
         hand-over fails, the lock is released.
         """
         lock, self._leader = self._leader, None
+        self._stop_renewing()
         if lock is not None:
             try:
                 token = HANDOVER_PREFIX + json.dumps(
-                    {"from": self.redlock_beat_token, **self._handed_over_times()},
+                    {"from": lock.value, **self._handed_over_times()},
                     separators=(",", ":"),
                     sort_keys=True,
                 )

@@ -54,7 +54,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready
 
-from .beat import HANDOVER_PREFIX, RedlockScheduler
+from .beat import HANDOVER_PREFIX, SENDS_SUFFIX, RedlockScheduler
 from .signals import lock_skipped
 from .task import RedlockTask
 
@@ -360,14 +360,17 @@ def _pause(seconds: float) -> None:
 
 
 def _lock_keys(urls: Sequence[str]) -> int:
-    """Lock keys left on the lock nodes (SCAN ``redlock:*``), fencing counters aside,
-    and the beat lock its last leader handed over as it stopped (it expires by its TTL)."""
+    """Lock keys left on the lock nodes (SCAN ``redlock:*``), fencing counters and beat's
+    record of sends aside, and the beat lock its last leader handed over as it stopped
+    (it expires by its TTL)."""
     keys: set[bytes] = set()
     handed = HANDOVER_PREFIX.encode()
     for url in urls:
         with redis.Redis.from_url(url, socket_timeout=2) as client:
             for key in client.scan_iter(match="redlock:*"):
-                value = client.get(key) if not key.endswith(b":fence") else handed
+                if key.endswith((b":fence", SENDS_SUFFIX.encode())):
+                    continue
+                value = client.get(key)
                 if value is not None and not value.startswith(handed):
                     keys.add(key)
     return len(keys)

@@ -31,7 +31,7 @@ import secrets
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -948,6 +948,50 @@ class Redlock:
     def holder(self, resource: str) -> str | None:
         """The token that holds ``resource`` on a quorum of nodes, or None."""
         return self.inspect(resource).holder
+
+    def raise_times(self, resource: str, times: Mapping[str, float], keep: float) -> int:
+        """Note ``times`` in the hash ``resource`` on every node: each field is raised
+        to its time, never lowered; the hash is kept ``keep`` seconds from now.
+        How many nodes took it.
+
+        A record that outlives a lock, read back by :meth:`read_times`: a beat
+        leader notes each send in it, for the next leader to go on from.
+        """
+        resource = _resource(resource)
+        if not times:
+            return 0
+        args: list[str | int] = [_ttl_ms(keep)]
+        for name, when in times.items():
+            if not math.isfinite(when):
+                raise ValueError(f"the time of {name!r} must be a finite number, not {when!r}")
+            args += [name, repr(float(when))]
+        replies = self._fanout.script(_scripts.RAISE_TIMES, (resource.encode(),), args)
+        return sum(1 for r in replies if _is_one(r))
+
+    def read_times(self, resource: str) -> tuple[dict[str, float], int]:
+        """The times :meth:`raise_times` noted in ``resource``: each field's highest on
+        the nodes that answered; and how many nodes answered."""
+        resource = _resource(resource)
+        replies = self._fanout.call(pack("HGETALL", resource))
+        times: dict[str, float] = {}
+        answered = 0
+        for reply in replies:
+            if isinstance(reply, list):  # RESP2: field, value, field, value, ...
+                pairs = list(zip(reply[::2], reply[1::2]))
+            elif isinstance(reply, dict):  # RESP3
+                pairs = list(reply.items())
+            else:
+                continue
+            answered += 1
+            for raw_name, raw_when in pairs:
+                try:
+                    name = bytes(raw_name).decode("utf-8")
+                    when = float(bytes(raw_when))
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(when) and when > times.get(name, -math.inf):
+                    times[name] = when
+        return times, answered
 
     def force_release(self, resource: str) -> int:
         """Delete ``resource``'s key on every node whoever holds it; how many nodes had it.

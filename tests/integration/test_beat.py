@@ -186,18 +186,18 @@ def test_a_renewal_finding_the_key_taken_steps_down_at_once(
     redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
 ) -> None:
     """The key deleted and taken by another token (celery redlock release, then a
-    standby): the leader's next renewal says so on a quorum, and it stops sending
-    then, not when its lock's validity runs out."""
+    standby): the leader's next renewal (every third of the 1.5 s TTL) says so on a
+    quorum, and it stops sending then, not when its lock's validity runs out."""
     app = make_app(redis_urls[:3])
     a, spy_a = schedulers(app)
     drive([a], 0.3)
     assert a.is_leader
     manager = get_redlock(resolve_settings(app))
     manager.force_release(a.redlock_beat_lock_key)
+    taken = time.monotonic()
     assert manager.lock(a.redlock_beat_lock_key, 30, value="another-beat") is not None
-    a._next_renew = 0.0  # renew at the next tick
-    a.tick()
-    assert a._leader is None
+    assert wait_for(lambda: (a.tick(), a._leader is None)[1], timeout=2.0)
+    assert time.monotonic() - taken < 1.2  # the next renewal, not the validity's end
     sent = len(spy_a.sends)
     drive([a], 0.5)
     assert len(spy_a.sends) == sent
@@ -270,6 +270,8 @@ def test_leader_paused_past_its_ttl_does_not_send_when_it_wakes(
     (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
     drive([a], 0.3)
     assert a.is_leader
+    assert a._watch is not None
+    a._watch.cancel()  # frozen: its renewer thread too
     drive([b], 1.5 + 0.5)  # a does not tick for longer than its TTL; b takes over
     assert b.is_leader
     woke = time.monotonic()
@@ -289,8 +291,9 @@ def test_validity_running_out_before_a_send_steps_down_without_sending(
     assert a.is_leader
     lock = a._leader
     assert lock is not None
+    assert a._watch is not None
+    a._watch.cancel()  # no renewal comes before the next send
     lock.expires_at = time.monotonic()  # as if the renewal had been missed
-    a._next_renew = math.inf  # and no renewal comes before the next send
     before = len(spy_a.sends)
     assert wait_for(lambda: (a.tick(), a._leader is not lock)[1], timeout=2 * INTERVAL + 0.2)
     assert len(spy_a.sends) == before
@@ -533,6 +536,113 @@ def test_a_scheduler_sending_without_apply_entry_sends_only_as_the_leader(
     assert sent == [TASK]
 
 
+def test_a_leader_dying_without_a_hand_over_loses_no_due_time_to_the_standby_s_ticks(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """The leader dies (no hand-over) just before two due times: one of an entry it
+    had sent before, one of an entry it never sent. The standby's ticks advance
+    both past their due times while the dead leader's lock runs out; taking over,
+    it goes on from the sends noted beside the lock (and, for the entry no one
+    sent, from before its own ticks): it sends each once, at once, not one period
+    later."""
+    app = make_app(
+        redis_urls[:3],
+        beat_schedule={
+            "slow": {"task": TASK, "schedule": 3.0},
+            "late": {"task": TASK, "schedule": 6.2},
+        },
+    )
+    (a, spy_a), (b, spy_b) = schedulers(app), schedulers(app)
+    start = time.monotonic()
+    drive([a, b], 5.5)
+    assert a.is_leader
+    assert [name for _, name in spy_a.sends] == ["slow"]  # at about 3 s
+    assert spy_b.sends == []
+    assert a._watch is not None
+    a._watch.cancel()  # a dies: no more ticks, no renewals, no hand-over
+    died = time.monotonic()
+    while not b.is_leader:
+        b.tick()
+        time.sleep(0.02)
+        assert time.monotonic() - died < 1.5 + 1.0, "b never took over"
+    led = time.monotonic()
+    assert led - start > 6.3  # both due times fell while a's lock ran out
+    drive([b], 0.5)
+    caught_up = sorted(name for when, name in spy_b.sends if when < led + 0.5)
+    assert caught_up == ["late", "slow"], spy_b.sends
+
+
+def test_a_leader_blocked_in_a_send_past_its_ttl_keeps_leading_alone(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """A send that blocks for longer than the leader lock's TTL (a publish lock that
+    waits, a broker reconnecting): the lock is renewed meanwhile, so the standby
+    never leads, and nothing is sent by both."""
+    import threading
+
+    app = make_app(redis_urls[:3])
+    (a, _), (b, spy_b) = schedulers(app), schedulers(app)
+    drive([a], 0.3)
+    assert a.is_leader
+    real = a.apply_async
+    blocked: list[float] = []
+
+    def slow_send(entry: Any, *args: Any, **kwargs: Any) -> Any:
+        if not blocked:
+            blocked.append(time.monotonic())
+            time.sleep(2.5)  # the TTL is 1.5 s
+        return real(entry, *args, **kwargs)
+
+    a.apply_async = slow_send  # type: ignore[method-assign]
+    stop = threading.Event()
+    standby_led: list[bool] = []
+
+    def run_standby() -> None:
+        while not stop.is_set():
+            b.tick()
+            standby_led.append(b.is_leader)
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run_standby)
+    thread.start()
+    try:
+        drive([a], 3.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert blocked
+    assert not any(standby_led)
+    assert spy_b.sends == []
+    assert a.is_leader
+
+
+def test_a_failed_bid_s_leftovers_are_not_re_armed_by_the_next_bid(
+    fresh_nodes: Callable[..., list[RedisServer]],
+    schedulers: Callable[..., tuple[RedlockScheduler, Spy]],
+) -> None:
+    """One node of three down, and what two beats' earlier bids left on one node
+    each: every bid has a new token, so a leftover runs out with its TTL instead of
+    being re-armed by the next bid (which left neither beat a quorum, for good)."""
+    nodes = fresh_nodes(3)
+    app = make_app([n.url for n in nodes])
+    (a, _), (b, _) = schedulers(app), schedulers(app)
+    key = a.redlock_beat_lock_key
+    clients = [redis.Redis.from_url(n.url) for n in nodes]
+    for client in clients:  # held by a third beat while both connect and bid
+        client.set(key, "a-third-beat", px=60_000)
+    drive([a, b], 0.5)
+    assert not a.is_leader
+    assert not b.is_leader
+    nodes[0].pause()
+    try:
+        clients[1].set(key, a.redlock_beat_token, px=1500)
+        clients[2].set(key, b.redlock_beat_token, px=1500)
+        drive([a, b], 1.5 + 1.5)
+        assert [a.is_leader, b.is_leader].count(True) == 1
+    finally:
+        nodes[0].resume()
+
+
 def test_lazy_scheduler_takes_no_lock(redis_urls: list[str], tmp_path: Path) -> None:
     """``celery beat`` builds a lazy scheduler for its banner: it must not lead."""
     app = make_app(redis_urls[:3])
@@ -675,9 +785,10 @@ def test_django_celery_beat_s_database_scheduler_with_the_mixin_hands_over_its_p
     """The README's HADatabaseScheduler on django-celery-beat itself (SQLite), an
     every-second PeriodicTask: the standby, which reads the entries once, sends
     nothing while the other leads, and after the leader's clean shutdown just after
-    a send, sends one interval after that send. The same run without the
-    hand-over's sends shows what it prevents: the standby's cached entry is long
-    due, and it sends the period's task again at once."""
+    a send, sends one interval after that send; so it does going on from the record
+    of sends beside the lock alone (as after a leader that died without a
+    hand-over). The same run without either shows what they prevent: the standby's
+    cached entry is long due, and it sends the period's task again at once."""
     run = _django_beats(redis_urls[:3], tmp_path / "beat.sqlite3", "handover")
     assert run["leaders_before"] == [True, False]
     assert run["b_sent_while_a_led"] == 0
@@ -685,6 +796,9 @@ def test_django_celery_beat_s_database_scheduler_with_the_mixin_hands_over_its_p
     assert all(when > run["closed"] for when in run["b"])
     assert 0.9 <= run["gap"] <= 1.5, run
     assert len(run["b"]) >= 2
+    record = _django_beats(redis_urls[:3], tmp_path / "record.sqlite3", "record-only")
+    assert record["b_sent_while_a_led"] == 0
+    assert 0.9 <= record["gap"] <= 1.5, record
     without = _django_beats(redis_urls[:3], tmp_path / "control.sqlite3", "no-handover")
     assert without["b_sent_while_a_led"] == 0
     assert without["gap"] < 0.5, without

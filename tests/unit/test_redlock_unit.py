@@ -1106,3 +1106,22 @@ def test_a_failed_fenced_takeover_gives_the_reservation_back(
     with pytest.raises(LockNotAcquired):
         rl.acquire("r", 10, "tid|run", fencing=True, takeover="tid")
     assert values(clients, "r") == ["tid", "tid", "other", "other", "other"]
+
+
+def test_noted_times_are_only_raised_and_read_back_as_each_field_s_highest(
+    make: Make, clients: list[fakeredis.FakeRedis]
+) -> None:
+    """raise_times keeps each field's highest time on each node; read_times merges the
+    nodes' records, each field at its highest, whichever nodes missed a write."""
+    rl = make()
+    assert rl.raise_times("sends", {"a": 100.5, "b": 7.0}, keep=60) == N
+    assert rl.raise_times("sends", {"a": 50.0}, keep=60) == N  # lower: not taken
+    clients[0].hset("sends", "b", "9.25")  # a write only one node took
+    clients[1].hset("sends", "c", "not a time")  # not ours: ignored
+    times, answered = rl.read_times("sends")
+    assert answered == N
+    assert times == {"a": 100.5, "b": 9.25}
+    assert 0 < clients[2].pttl("sends") <= 60_000
+    with pytest.raises(ValueError, match="finite"):
+        rl.raise_times("sends", {"a": math.inf}, keep=60)
+    assert rl.read_times("nothing-noted") == ({}, N)

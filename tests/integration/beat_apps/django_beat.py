@@ -6,9 +6,10 @@ process)::
     python -m tests.integration.beat_apps.django_beat SERVERS DB MODE
 
 ``SERVERS``: the lock nodes, comma-separated; ``DB``: the SQLite file to
-create; ``MODE``: ``handover`` (the mixin as shipped) or ``no-handover``
-(the new leader does not go on from the old leader's sends: what a scheduler
-caching its entries does without the hand-over).
+create; ``MODE``: ``handover`` (the mixin as shipped), ``record-only`` (the
+new leader goes on from the record of sends beside the lock alone, as after
+a leader that died without a hand-over) or ``no-handover`` (it goes on from
+neither: what a scheduler caching its entries does without them).
 
 The README's class, ``HADatabaseScheduler(RedlockSchedulerMixin,
 DatabaseScheduler)`` with ``redlock_standby_ticks = False``, for an
@@ -59,8 +60,10 @@ def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
     class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
         redlock_standby_ticks = False  # the schedule lives in the shared database
 
-    if mode == "no-handover":
+    if mode in ("no-handover", "record-only"):
         HADatabaseScheduler._go_on_from = lambda self, token: None  # type: ignore[method-assign]
+    if mode == "no-handover":
+        HADatabaseScheduler._catch_up = lambda self: None  # type: ignore[method-assign]
 
     app = Celery("beat_django", broker="memory://")  # current: ModelEntry reads current_app
     app.conf.update(
