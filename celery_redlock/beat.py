@@ -272,7 +272,7 @@ class RedlockSchedulerMixin:
         self._next_try = now + self._poll
         self._sent = {}  # what others sent is known from the record and a hand-over
         self._bids += 1
-        self.redlock_beat_token = f"{self._name}:{self._bids}"
+        self.redlock_beat_token = f"{self._name}.{self._bids}"
         try:
             self._leader = self.redlock.acquire(
                 self._key,
