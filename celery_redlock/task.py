@@ -224,8 +224,9 @@ def _jitter(seconds: float) -> float:
 class RedlockTask(Task):  # type: ignore[misc]
     """A task whose runs with the same key never overlap, on any number of workers.
 
-    Settings come from the task attribute of the same name when it is not
-    None, else from ``app.conf.get("redlock_<name>")``, else the default
+    Settings come from the task attribute of the same name when the task
+    sets it (None counts for ``redlock_key``, ``redlock_wait`` and
+    ``redlock_servers``), else from ``app.conf.get("redlock_<name>")``, else the default
     (see :mod:`celery_redlock.config`). They are validated when the task is
     registered (attributes) and when a worker starts (the configuration),
     and resolved on first use in each process.
