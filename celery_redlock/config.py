@@ -60,7 +60,7 @@ from . import _process
 from ._nodes import parse_servers, redact
 from .exceptions import QuorumUnavailable, RedlockConfigError
 from .keys import KeySpec, check_key_spec
-from .redlock import MAX_TTL, Redlock
+from .redlock import MAX_NODE_TIMEOUT, MAX_TTL, Redlock
 
 __all__ = [
     "DEFAULTS",
@@ -87,9 +87,6 @@ UNAVAILABLE_POLICIES = ("fail", "run")
 PREFIX = "redlock_"
 #: The shortest lock TTL, in seconds.
 MIN_TTL = 0.01
-#: The longest ``redlock_node_timeout``, in seconds (the sockets' poll() stops at
-#: about 24 days).
-MAX_NODE_TIMEOUT = 86400.0
 #: Settings whose None means something (the broker's server, all arguments,
 #: ``redlock_ttl``): a task setting one to None overrides the app's value.
 NONE_MEANS_SOMETHING = ("servers", "key", "wait")

@@ -72,14 +72,30 @@ _DEFAULT: Any = object()
 _WARNED: set[str] = set()
 
 
-def _number(name: str, value: object, *, minimum: float = 0.0, strict: bool = False) -> float:
+def _number(
+    name: str,
+    value: object,
+    *,
+    minimum: float = 0.0,
+    strict: bool = False,
+    maximum: float = math.inf,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RedlockConfigError(f"{name} must be a number, not {value!r}")
     number = float(value)
     if not math.isfinite(number) or number < minimum or (strict and number == minimum):
         bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
         raise RedlockConfigError(f"{name} must be a finite number {bound}, not {value!r}")
+    if number > maximum:
+        raise RedlockConfigError(
+            f"{name} must be at most {maximum:.0f} s, not {value!r}: longer overflows the "
+            "clocks it waits on"
+        )
     return number
+
+
+#: The longest ``node_timeout`` (1 day): the sockets' poll() stops at about 24 days.
+MAX_NODE_TIMEOUT = 86400.0
 
 
 #: The longest TTL accepted (10 years): longer ones overflow Redis' expiry clock.
@@ -280,13 +296,15 @@ class Redlock:
                 f"retry_count must be an int >= 0 (0 means a single attempt), not {retry_count!r}"
             )
         self.retry_count = retry_count
-        self.retry_delay = _number("retry_delay", retry_delay)
+        self.retry_delay = _number("retry_delay", retry_delay, maximum=MAX_TTL)
         self.drift_factor = _number("drift_factor", drift_factor)
         if self.drift_factor >= 0.5:
             raise RedlockConfigError(
                 f"drift_factor must be in [0, 0.5), not {drift_factor!r}; 0.01 is usual"
             )
-        self.node_timeout = _number("node_timeout", node_timeout, strict=True)
+        self.node_timeout = _number(
+            "node_timeout", node_timeout, strict=True, maximum=MAX_NODE_TIMEOUT
+        )
         self.auto_release = bool(auto_release)
         self._log = _Logger(_log if logger is _DEFAULT else logger)
         self.nodes: tuple[Node, ...] = tuple(parse_servers(servers))
@@ -628,7 +646,11 @@ class Redlock:
                     "value: redlock.acquire(resource, ttl, value, takeover=old_value)"
                 )
         attempts = max(1, self.retry_count if retry_count is None else retry_count)
-        delay = self.retry_delay if retry_delay is None else _number("retry_delay", retry_delay)
+        delay = (
+            self.retry_delay
+            if retry_delay is None
+            else _number("retry_delay", retry_delay, maximum=MAX_TTL)
+        )
         deadline = None if wait is None else time.monotonic() + _number("wait", wait)
         key = resource.encode()
         tried = 0

@@ -1125,3 +1125,15 @@ def test_noted_times_are_only_raised_and_read_back_as_each_field_s_highest(
     with pytest.raises(ValueError, match="finite"):
         rl.raise_times("sends", {"a": math.inf}, keep=60)
     assert rl.read_times("nothing-noted") == ({}, N)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("retry_delay", 1e10), ("node_timeout", 1e12), ("node_timeout", 86401)]
+)
+def test_a_wait_too_long_for_the_clocks_is_refused_at_construction(
+    make: Make, option: str, value: float
+) -> None:
+    """A retry_delay or node_timeout the clocks it waits on cannot hold fails when
+    the manager is built, naming the option, not with an OverflowError at run time."""
+    with pytest.raises(RedlockConfigError, match=f"{option} must be at most"):
+        make(**{option: value})
