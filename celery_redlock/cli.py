@@ -49,6 +49,8 @@ _STATUS_COLUMNS = (
     "maxmemory_policy", "appendonly", "appendfsync",
 )  # fmt: skip
 _TASK_KEY = re.compile(r"^(?P<task>.+):(?P<digest>[0-9a-f]{64})$")
+#: the task column of the beat leader lock
+_BEAT = "(beat leader)"
 
 
 class _Out:
@@ -109,7 +111,7 @@ def _task_of(key: str, prefix: str) -> str | None:
         return None
     rest = key[len(prefix) :]
     if rest.startswith("beat:"):
-        return "(beat leader)"
+        return _BEAT
     match = _TASK_KEY.match(rest)
     return match["task"] if match else None
 
@@ -244,7 +246,10 @@ def _locks(manager: Redlock, keys: Sequence[str], prefix: str) -> list[dict[str,
     """One row per key that holds a lock token (a string value) on some node.
 
     ``prefix`` is the configured ``redlock_key_prefix``: a task's name is what
-    follows it in a task lock key (``{prefix}{task}:{64 hex}``).
+    follows it in a task lock key (``{prefix}{task}:{64 hex}``, or
+    ``{prefix}{task}`` for ``redlock_key=""``). A holder is shown as a task id
+    when its token is a run's (``"<task id>|<12 hex digits>"``) or the key is a
+    task's, whatever the key looks like under the prefix.
     """
     rows = []
     for key in keys:
@@ -253,13 +258,21 @@ def _locks(manager: Redlock, keys: Sequence[str], prefix: str) -> list[dict[str,
         if not tokens:
             continue  # expired since the scan
         task = _task_of(key, prefix)
-        shown = info.holder
-        if shown is None:
-            shown = next(iter(tokens)) if len(tokens) == 1 else f"({len(tokens)} tokens)"
-        elif shown.startswith(HANDOVER_PREFIX):
+        token = info.holder
+        if token is None and len(tokens) == 1:
+            token = next(iter(tokens))  # held on fewer than a quorum: still one holder
+        if token is None:
+            shown = f"({len(tokens)} tokens)"
+        elif token.startswith(HANDOVER_PREFIX):
             shown = "(handed over by a beat that stopped)"
-        elif task is not None:
-            shown = task_id_of(shown)  # a running task's token is its id and a run mark
+        else:
+            shown = token
+            task_id = task_id_of(token)
+            run = task_id != token  # a run's token: its task id and a run mark
+            if key.startswith(prefix) and task != _BEAT and (run or task is not None):
+                shown = task_id or token
+                if task is None:  # redlock_key="": the key is the prefix and the task name
+                    task = key[len(prefix) :]
         rows.append(
             {
                 "key": key,

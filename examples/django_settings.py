@@ -41,10 +41,11 @@ It prints, e.g.::
 
     app.conf.get('redlock_servers') -> ['redis://r1:6379/0', ...]
     app.conf.get('redlock_ttl') -> 60.0
+    app.conf.get('redlock_beat_ttl') -> 30.0
     refresh_feed's settings: ttl 60.0, on_duplicate 'skip', key_prefix 'proj:lock:', servers 3
     nightly_export's settings: ttl 600.0 (its own attribute wins)
-    a worker with CELERY_REDLOCK_TTL_SECONDS refuses to start: ...
     refresh_feed(3) ran holding its lock proj:lock:proj.refresh_feed:... -> True
+    a worker with CELERY_REDLOCK_TTL_SECONDS refuses to start: ... did you mean CELERY_REDLOCK_TTL?
 """
 
 from __future__ import annotations

@@ -14,13 +14,21 @@ terminals), plus a worker::
 ``report`` is sent every 10 s by the leader only. Kill the leader (even with
 SIGKILL) and the standby takes over within ``redlock_beat_ttl`` (plus one
 ``redlock_beat_poll``); stop it cleanly (Ctrl-C) and the standby takes over
-at its next poll, as the leader hands its lock over on the way out (with
-its last sends, which the new leader goes on from). Without
-``beat_scheduler`` in the config, pass ``-S celery_redlock.beat:RedlockScheduler``.
+at its next poll, as the leader hands its lock over on the way out. Either
+way the new leader goes on from the sends the leader noted beside the lock:
+a send already made is not made again, and one that came due while no beat
+led is made at once. Without ``beat_scheduler`` in the config, pass
+``-S celery_redlock.beat:RedlockScheduler``.
 
-With django-celery-beat, use ``HADatabaseScheduler`` below instead::
+With django-celery-beat, use ``HADatabaseScheduler`` below instead, in a
+Django project (``DJANGO_SETTINGS_MODULE`` set, ``"django_celery_beat"`` in
+``INSTALLED_APPS``)::
 
     celery -A ha_beat beat -S ha_beat:HADatabaseScheduler
+
+The class is built when beat looks it up, after Celery's Django fixup has
+run ``django.setup()``: not when the module is imported (Celery imports the
+``-A`` module first, before Django is set up).
 
 ``python examples/ha_beat.py`` (lock nodes from ``REDLOCK_SERVERS``) builds
 two schedulers in one process and shows the election: one leads, the other
@@ -39,6 +47,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from celery import Celery
 
@@ -53,9 +62,14 @@ app.conf.update(
     redlock_beat_ttl=30.0,  # a dead leader is replaced within this (default 30)
     redlock_beat_poll=1.0,  # a standby tries to lead this often (default 1)
     # redlock_beat_lock_key defaults to "redlock:beat:ha_beat" ({prefix}beat:{app.main})
-    # An interval schedule: at a clean hand-over the new leader may send it a little
-    # early (each beat counts intervals from its own start). For "at most once per
-    # period" use a crontab schedule, or a RedlockTask with redlock_hold.
+    # The leader notes each send beside the lock ("redlock:beat:ha_beat:sent"). A new
+    # leader goes on from those sends, after a clean hand-over or a dead leader's lock
+    # running out: a send made is not made again or early (at a hand-over this interval
+    # keeps the old leader's phase), and a due time no beat sent is sent at once. A send
+    # whose leader died before noting it (or noted it on too few nodes) may be made
+    # again: for "at most once per period", make the task a RedlockTask with
+    # redlock_hold (the period, or a little less); a second send inside the hold does
+    # not run.
     beat_schedule={
         "report-every-10-s": {"task": "ha_beat.report", "schedule": 10.0},
     },
@@ -68,26 +82,64 @@ def report() -> str:
 
 
 # django-celery-beat's DatabaseScheduler (schedules kept in the Django database)
-# with leader election: the mixin goes first in the bases. Defined only in a
-# Django project with django-celery-beat installed, so this module runs anywhere.
-try:
-    from django.conf import settings as django_settings
+# with leader election: the mixin goes first in the bases. Built on first access
+# (the module's __getattr__ below), not at import: `celery -A ha_beat beat -S
+# ha_beat:HADatabaseScheduler` imports this module before Django is set up (Celery's
+# Django fixup runs django.setup() as beat starts, then beat looks -S up), and
+# django-celery-beat's models cannot be imported before that. So this module also
+# runs anywhere, without Django.
 
-    if not django_settings.configured:  # its models cannot load outside a project
-        raise ImportError("no Django project here (DJANGO_SETTINGS_MODULE is not set)")
+
+def _database_scheduler() -> type[RedlockSchedulerMixin]:
+    """``HADatabaseScheduler``: built once Django is set up; ImportError saying why not."""
+    try:
+        import django_celery_beat  # noqa: F401  (its package alone touches no settings)
+        from django.apps import apps
+        from django.conf import settings
+    except ImportError as exc:
+        raise ImportError(
+            f"HADatabaseScheduler needs Django and django-celery-beat ({exc}): "
+            "pip install django-celery-beat"
+        ) from exc
+    if not apps.ready:
+        if not settings.configured and not os.environ.get("DJANGO_SETTINGS_MODULE"):
+            raise ImportError(
+                "HADatabaseScheduler needs a Django project: set DJANGO_SETTINGS_MODULE "
+                "before the Celery app is created, so that Celery's Django fixup runs "
+                "django.setup() when beat starts"
+            )
+        raise ImportError(
+            "HADatabaseScheduler needs Django set up (django.setup() has not run yet): "
+            "`celery beat -S ha_beat:HADatabaseScheduler` looks it up after Celery's Django "
+            "fixup has set Django up; elsewhere, call django.setup() before using it"
+        )
+    if not apps.is_installed("django_celery_beat"):
+        raise ImportError(
+            "HADatabaseScheduler needs 'django_celery_beat' in the Django project's "
+            "INSTALLED_APPS (it keeps the schedule in its models)"
+        )
     from django_celery_beat.schedulers import DatabaseScheduler
-except ImportError:  # no Django project, or django-celery-beat is not installed
-    HADatabaseScheduler = None
-else:
 
-    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[no-redef,misc]
+    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
         """django-celery-beat's DatabaseScheduler; only the leader sends.
 
         The schedule's state lives in the database all beats share, so a
-        standby must not tick it (it would advance entries the leader sends).
+        standby must not tick it (it would advance entries the leader sends);
+        a new leader goes on from the sends noted beside the lock.
         """
 
         redlock_standby_ticks = False
+
+    HADatabaseScheduler.__qualname__ = "HADatabaseScheduler"  # ha_beat.HADatabaseScheduler
+    return HADatabaseScheduler
+
+
+def __getattr__(name: str) -> Any:
+    """``HADatabaseScheduler``, built on first access and kept (see above)."""
+    if name == "HADatabaseScheduler":
+        cls = globals()[name] = _database_scheduler()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def state(scheduler: RedlockScheduler) -> str:

@@ -192,6 +192,41 @@ def test_list_json_and_a_narrower_prefix_keep_the_full_task_name(
     assert (lock["holder"], lock["nodes"], lock["quorum"]) == ("task-id-1", "3/3", True)
 
 
+def test_list_shows_a_runs_token_as_its_task_id_also_for_a_key_without_digest(
+    cli: Run, three: tuple[list[str], Redlock]
+) -> None:
+    """``redlock_key=""`` locks ``{prefix}{task}`` (no digest): a run's token
+    ``"<task id>|<12 hex>"`` is still shown as the task id, in the table and in
+    --json, as is a task key's run token held on fewer than a quorum."""
+    from celery_redlock.keys import run_token
+
+    urls, manager = three
+    whole = run_token("task-id-7")
+    assert whole.startswith("task-id-7|")
+    manager.acquire("redlock:proj.tasks.nightly", 30, whole)  # redlock_key=""
+    clients(urls)[0].set(TASK_KEY, run_token("task-id-8", "abcdef"), px=30_000)  # 1 of 3
+    manager.acquire("redlock:plain", 30, "not|a-run-token")  # not a run's token: as it is
+    result = cli(urls, "list")
+    assert result.exit_code == 0, result.output
+    assert "|" not in result.stdout.replace("not|a-run-token", "")
+    table = {r[0]: r for r in rows(result)}
+    assert table["redlock:proj.tasks.nightly"][1:3] == ["task-id-7", "proj.tasks.nightly"]
+    assert table[TASK_KEY][1:3] == ["task-id-8", "proj.tasks.add"]
+    assert table[TASK_KEY][4:] == ["1/3", "no"]
+    assert table["redlock:plain"][1:3] == ["not|a-run-token", "-"]
+    result = cli(urls, "list", "--json")
+    assert result.exit_code == 0, result.output
+    locks = {lock["key"]: lock for lock in json.loads(result.stdout)["locks"]}
+    nightly = locks["redlock:proj.tasks.nightly"]
+    assert (nightly["holder"], nightly["task"], nightly["quorum"]) == (
+        "task-id-7",
+        "proj.tasks.nightly",
+        True,
+    )
+    assert (locks[TASK_KEY]["holder"], locks[TASK_KEY]["quorum"]) == ("task-id-8", False)
+    assert locks["redlock:plain"]["holder"] == "not|a-run-token"
+
+
 def test_list_exits_1_when_nothing_matches(cli: Run, three: tuple[list[str], Redlock]) -> None:
     urls, manager = three
     manager.acquire(TASK_KEY, 30, "task-id-1")

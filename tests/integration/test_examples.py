@@ -10,6 +10,7 @@ pytest, needing no Redis at all.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib.util
 import os
@@ -17,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,36 +189,105 @@ def test_ha_beat_app_configures_the_redlock_scheduler(
     assert conf.redlock_servers == beat_env["REDLOCK_SERVERS"].split(",")
     assert conf.beat_schedule["report-every-10-s"] == {"task": "ha_beat.report", "schedule": 10.0}
     assert "ha_beat.report" in module.app.tasks
-    # Outside a Django project (this process): no DatabaseScheduler to wrap.
-    assert module.HADatabaseScheduler is None
+    # Outside a Django project (this process): no DatabaseScheduler to wrap, and a
+    # lookup says so (the module imports all the same).
+    monkeypatch.delenv("DJANGO_SETTINGS_MODULE", raising=False)
+    with pytest.raises(ImportError, match="HADatabaseScheduler needs a Django project"):
+        module.HADatabaseScheduler  # noqa: B018
+    with pytest.raises(AttributeError, match="has no attribute 'HADatabaseSchedulr'"):
+        module.HADatabaseSchedulr  # noqa: B018
 
 
-def test_ha_beat_defines_its_database_scheduler_inside_a_django_project(
-    beat_env: dict[str, str],
-) -> None:
+#: A Django project's settings module, for ``DJANGO_SETTINGS_MODULE``.
+DJANGO_SETTINGS = """\
+SECRET_KEY = "ha-beat-example"
+INSTALLED_APPS = ["django_celery_beat"]
+DATABASES = {{"default": {{"ENGINE": "django.db.backends.sqlite3", "NAME": {db!r}}}}}
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+"""
+
+#: What ``celery -A ha_beat beat -S ha_beat:HADatabaseScheduler`` does, in its order:
+#: import the -A module (Django not set up yet), run the loader's init_worker (where
+#: Celery's Django fixup calls django.setup()), then look the scheduler up by name.
+#: ``early`` first looks it up before Django is set up.
+RESOLVE_AS_CELERY_BEAT = """\
+import sys
+from celery.utils.imports import qualname, symbol_by_name
+from django.apps import apps
+from django.conf import settings
+
+import ha_beat
+
+print("after import:", settings.configured, apps.ready)
+if sys.argv[1:] == ["early"]:
+    try:
+        symbol_by_name("ha_beat:HADatabaseScheduler")
+    except ImportError as exc:
+        print("early:", exc)
+ha_beat.app.loader.init_worker()  # celery beat's init_loader: the fixup's django.setup()
+print("after init_worker:", settings.configured, apps.ready)
+cls = symbol_by_name("ha_beat:HADatabaseScheduler")
+from django_celery_beat.schedulers import DatabaseScheduler
+from celery_redlock.beat import RedlockSchedulerMixin
+print("class:", qualname(cls), issubclass(cls, RedlockSchedulerMixin),
+      issubclass(cls, DatabaseScheduler), cls.redlock_standby_ticks,
+      symbol_by_name("ha_beat:HADatabaseScheduler") is cls)
+"""
+
+
+@pytest.fixture
+def django_env(beat_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """A Django project as Celery meets one: ``DJANGO_SETTINGS_MODULE`` names its
+    settings (django-celery-beat installed, a SQLite file), on the path; not set up."""
     pytest.importorskip("django_celery_beat")
-    check = (
-        "import django, importlib.util, sys\n"
-        "from django.conf import settings\n"
-        "settings.configure(INSTALLED_APPS=['django_celery_beat'], USE_TZ=True,\n"
-        "    DATABASES={'default': {'ENGINE': 'django.db.backends.sqlite3', 'NAME': ':memory:'}})\n"
-        "django.setup()\n"
-        "spec = importlib.util.spec_from_file_location('ha_beat', sys.argv[1])\n"
-        "module = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
-        "from celery_redlock.beat import RedlockSchedulerMixin\n"
-        "from django_celery_beat.schedulers import DatabaseScheduler\n"
-        "cls = module.HADatabaseScheduler\n"
-        "print(issubclass(cls, RedlockSchedulerMixin), issubclass(cls, DatabaseScheduler),\n"
-        "      cls.redlock_standby_ticks)\n"
-    )
+    db = str(tmp_path / "beat.sqlite3")
+    (tmp_path / "ha_django_settings.py").write_text(DJANGO_SETTINGS.format(db=db))
+    return {
+        **beat_env,
+        "DJANGO_SETTINGS_MODULE": "ha_django_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+
+
+def resolve_as_celery_beat(env: dict[str, str], *args: str) -> list[str]:
+    """Run :data:`RESOLVE_AS_CELERY_BEAT` from the examples folder (as ``-A ha_beat``)."""
     done = subprocess.run(
-        [sys.executable, "-c", check, str(EXAMPLES / "ha_beat.py")],
-        env={**beat_env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
-        timeout=60, check=False,
+        [sys.executable, "-c", RESOLVE_AS_CELERY_BEAT, *args],
+        cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT, check=False,
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True", "True", "False"]
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done.stdout.splitlines()
+
+
+def test_ha_beat_database_scheduler_resolves_as_celery_beat_looks_it_up_in_django(
+    django_env: dict[str, str],
+) -> None:
+    """``-S ha_beat:HADatabaseScheduler`` in a Django project: Celery imports the
+    module before Django is set up, and looks the class up after ``django.setup()``."""
+    lines = resolve_as_celery_beat(django_env)
+    assert lines == [
+        "after import: False False",  # what the module sees when Celery imports it
+        "after init_worker: True True",
+        "class: ha_beat.HADatabaseScheduler True True False True",
+    ]
+
+
+def test_ha_beat_database_scheduler_looked_up_before_django_setup_says_so(
+    django_env: dict[str, str],
+) -> None:
+    """Before ``django.setup()`` a lookup is a clear ImportError (not Django's
+    AppRegistryNotReady), and the class is built all the same once Django is set up."""
+    lines = resolve_as_celery_beat(django_env, "early")
+    assert lines[0] == "after import: False False"
+    assert lines[1].startswith("early: HADatabaseScheduler needs Django set up")
+    assert "django.setup() has not run yet" in lines[1]
+    assert lines[2:] == [
+        "after init_worker: True True",
+        "class: ha_beat.HADatabaseScheduler True True False True",
+    ]
 
 
 @contextlib.contextmanager
@@ -255,8 +326,56 @@ def test_ha_beat_docstring_command_runs_a_leading_beat(
     assert "beat: handed the leader lock redlock:beat:ha_beat over" in text
 
 
+def test_ha_beat_docstring_command_with_the_database_scheduler_leads(
+    django_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``celery -A ha_beat beat -S ha_beat:HADatabaseScheduler``, as the docstring
+    says, in a Django project whose database is migrated: it starts and leads."""
+    migrated = subprocess.run(
+        [sys.executable, "-m", "django", "migrate", "-v", "0"],
+        cwd=tmp_path, env=django_env, capture_output=True, text=True, timeout=RUN_TIMEOUT,
+        check=False,
+    )  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    log = tmp_path / "beat.log"
+    args = [sys.executable, "-m", "celery", "-A", "ha_beat", "beat"]
+    args += ["-S", "ha_beat:HADatabaseScheduler", "-l", "info"]
+    with (
+        log.open("w") as out,
+        popen(args, cwd=EXAMPLES, env=django_env, stdout=out, stderr=subprocess.STDOUT) as proc,
+    ):
+        deadline = time.monotonic() + 20
+        while "beat: leader now" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    text = log.read_text()
+    assert ". scheduler -> ha_beat.HADatabaseScheduler" in text
+    assert "beat: leader now (lock redlock:beat:ha_beat, ttl 30.0s)" in text
+    assert "beat: handed the leader lock redlock:beat:ha_beat over" in text
+
+
+def docstring_sample(name: str) -> list[str]:
+    """The lines of the sample output in ``examples/<name>``'s docstring (after
+    "It prints, e.g.::"), as patterns: "..." stands for anything, and the
+    docstring's hosts ``r1``, ``r2``, ... for the test's nodes."""
+    doc = ast.get_docstring(ast.parse((EXAMPLES / name).read_text()))
+    assert doc is not None
+    block = doc.split("It prints, e.g.::\n\n", 1)[1].split("\n\n", 1)[0]
+    patterns = []
+    for line in textwrap.dedent(block).splitlines():
+        pattern = re.escape(line).replace(re.escape("..."), ".*")
+        patterns.append(re.sub(r"redis://r\d:6379/0", "redis://[^']+", pattern))
+    return patterns
+
+
 def test_django_settings_resolve_through_the_celery_namespace(env: dict[str, str]) -> None:
     lines = run_example("django_settings.py", env)
+    sample = docstring_sample("django_settings.py")  # the docstring shows every line, in order
+    assert len(lines) == len(sample), lines
+    for pattern, line in zip(sample, lines):
+        assert re.fullmatch(pattern, line), (pattern, line)
     servers = env["REDLOCK_SERVERS"].split(",")
     assert line_after(lines, "app.conf.get('redlock_servers') -> ") == repr(servers)
     assert line_after(lines, "app.conf.get('redlock_ttl') -> ") == "60.0"
