@@ -2,11 +2,13 @@
 
 A :class:`Node` is one independent Redis master. A :class:`Fanout` sends one
 packed command to every node's connection before it reads any reply, so a
-round trip to N nodes costs about as much as a round trip to one. Every reply
-must come within one per-node timeout after the sends (a read started later
-waits only for what is left of it); once one node has timed out, the others
+round trip to N nodes costs about as much as a round trip to one. Each reply
+is read with the per-node timeout; once one node has timed out, the others
 are only read if their reply is already there, so a call never waits much
-longer than one timeout however many nodes stall or answer slowly.
+longer than one timeout however many nodes stall. (Nodes each answering a
+little under one timeout after the previous one is read can stretch a call
+to several timeouts; a lock's validity is measured from before the sends,
+so this costs time, never safety.)
 
 A connection whose reply timed out or failed is closed (a late reply must
 never be read as the answer to the next command) and reconnects on next use.
@@ -562,11 +564,6 @@ def _parse(buf: bytes, pos: int) -> tuple[Reply, int]:
 #: Fanout.call): a call on a connection owing this many reads them and its own.
 MAX_OWED = 8
 
-#: A read that starts while more than this share of the timeout is left before the
-#: call's deadline blocks in the kernel with the whole timeout (it can overrun the
-#: deadline by a tenth of the timeout at most); a later one waits for what is left.
-_PROMPT = 0.9
-
 #: Seconds a node is skipped after it failed or timed out, so that a stalled
 #: node costs one timeout per cool-down, not one per call (a reconnect to a
 #: stopped process would wait out its own timeout each time).
@@ -688,13 +685,7 @@ class _Wire:
             return self.fail(redis.TimeoutError(f"timeout writing to {self.node.name}"))
         return self.fail(redis.ConnectionError(f"error writing to {self.node.name}: {exc}"))
 
-    def read(self, until: float | None = None) -> Reply:
-        """The next reply. ``until``: the call's deadline (monotonic); a read that
-        would wait past it (by more than a tenth of the timeout) waits only until it.
-
-        A read started soon after the sends blocks in the kernel as ever (no extra
-        system call); a later one waits for what is left of the deadline.
-        """
+    def read(self) -> Reply:
         if not self.raw:
             try:
                 return self.conn.read_response()
@@ -720,10 +711,7 @@ class _Wire:
                     self.buf = buf[pos:]
                     return value
             try:
-                if until is not None and until - time.monotonic() < self.timeout * _PROMPT:
-                    chunk = self._recv_by(until)
-                else:
-                    chunk = self.sock.recv(65536)
+                chunk = self.sock.recv(65536)
             except _TIMEOUTS:
                 raise self.fail(
                     redis.TimeoutError(f"no reply from {self.node.name} within {self.timeout}s")
@@ -742,23 +730,6 @@ class _Wire:
                 raise self.fail(redis.ConnectionError(f"{self.node.name} closed the connection"))
             buf += chunk
             self.used = True
-
-    def _recv_by(self, until: float) -> bytes:
-        """What comes before ``until``; raises TimeoutError when nothing does."""
-        sock = self.sock
-        chunk: bytes
-        if _DONTWAIT and self.kernel_timed:
-            with contextlib.suppress(BlockingIOError):
-                chunk = sock.recv(65536, _DONTWAIT)
-                return chunk
-        elif hasattr(sock, "pending") and sock.pending():  # TLS: already decrypted
-            chunk = sock.recv(65536)
-            return chunk
-        left = until - time.monotonic()
-        if left <= 0 or not _readable(sock, left):
-            raise TimeoutError
-        chunk = sock.recv(65536)
-        return chunk
 
     def ready(self) -> bool:
         """True when a reply can be read without waiting."""
@@ -811,12 +782,12 @@ class _Wire:
             self.used = True
         return chunk
 
-    def settle(self, until: float | None = None) -> list[Callable[[], bytes]]:
+    def settle(self) -> list[Callable[[], bytes]]:
         """Read the replies owed by earlier calls; the EVALs to re-send for NOSCRIPT ones."""
         owed, self.owed = self.owed, []
         redo = []
         for fallback in owed:
-            if type(self.read(until)) is NoScriptError and fallback is not None:
+            if type(self.read()) is NoScriptError and fallback is not None:
                 redo.append(fallback)
         return redo
 
@@ -1034,9 +1005,6 @@ class Fanout:
                         sent.append(i)
                 else:
                     held.add(i)  # a script's reply is still on the way: sent below
-            # Every reply is read by one timeout after the sends: one node's slow
-            # reply does not start a full wait for the next node's.
-            until = time.monotonic() + self.timeout
             late = False
             for i in sorted([*sent, *held]) if held else sent:
                 wire = wires[i]
@@ -1062,13 +1030,13 @@ class Fanout:
                 try:
                     try:
                         if wire.owed:  # plain replies sent for before this command
-                            wire.settle(until)
-                        reply = wire.read(until)
+                            wire.settle()
+                        reply = wire.read()
                     except _Stale:  # the server closed it while idle; our scripts are idempotent
                         wire.send(packed)
-                        reply = wire.read(until)
+                        reply = wire.read()
                     if type(reply) is NoScriptError:
-                        reply = _resend(wire, fallback, reply, until)
+                        reply = _resend(wire, fallback, reply)
                     replies[i] = reply
                     if ok is not None and ok(reply):
                         good += 1
@@ -1112,11 +1080,10 @@ class Fanout:
                     wire.send(b"".join(commands))
                 except _IO_ERRORS as exc:
                     replies[i] = [exc] * len(commands)
-            until = time.monotonic() + timeout
             for i, wire in enumerate(wires):
                 while len(replies[i]) < len(commands):
                     try:
-                        replies[i].append(wire.read(until))
+                        replies[i].append(wire.read())
                     except _Stale:
                         replies[i].extend(
                             [redis.ConnectionError(f"{wire.node.name} closed the connection")]
@@ -1130,14 +1097,12 @@ class Fanout:
         return replies
 
 
-def _resend(
-    wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply, until: float | None = None
-) -> Reply:
+def _resend(wire: _Wire, fallback: Callable[[], bytes] | None, exc: Reply) -> Reply:
     if fallback is None:
         return exc
     try:
         wire.send(fallback())
-        return wire.read(until)
+        return wire.read()
     except _Stale:
         return redis.ConnectionError(f"{wire.node.name} closed the connection")
     except _IO_ERRORS as exc2:
