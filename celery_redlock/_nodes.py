@@ -69,6 +69,7 @@ _URL_OPTIONS = frozenset(
         "ssl_keyfile", "ssl_certfile", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path",
         "ssl_ca_data", "ssl_password", "ssl_check_hostname", "ssl_min_version",
         "ssl_ciphers", "ssl_include_verify_flags", "ssl_exclude_verify_flags",
+        "ssl_validate_ocsp", "ssl_validate_ocsp_stapled", "legacy_responses",
     }
 )  # fmt: skip
 #: Options of a redis-py connection pool (``from_url``) that mean nothing for the
@@ -78,10 +79,12 @@ _POOL_OPTIONS = frozenset({"max_connections"})
 #: runs to the next option a lock server's URL may give (an unencoded "&" may be
 #: part of it), else to the end; in free text, to a "&", space or quote.
 _SPEC_QUERY_PASSWORD = re.compile(
-    r"(?i)([?&]password=).*?(?=&(?-i:" + "|".join(sorted(_URL_OPTIONS | _POOL_OPTIONS)) + r")=|$)",
+    r"(?i)([?&](?:ssl_)?password=).*?(?=&(?-i:"
+    + "|".join(sorted(_URL_OPTIONS | _POOL_OPTIONS))
+    + r")=|$)",
     re.DOTALL,
 )
-_TEXT_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&\s'\"]*")
+_TEXT_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl_)?password=)[^&\s'\"]*")
 _HOST_PORT = re.compile(
     r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:/\s\[\]]+))(?::(?P<port>\d+))?$"
 )

@@ -161,7 +161,8 @@ SAMPLE_VALUES = {
     "ssl_ca_path": "/cap", "ssl_ca_data": "x", "ssl_password": "x",
     "ssl_check_hostname": "false", "ssl_min_version": "771", "ssl_ciphers": "HIGH",
     "ssl_include_verify_flags": "VERIFY_X509_STRICT",
-    "ssl_exclude_verify_flags": "VERIFY_X509_STRICT",
+    "ssl_exclude_verify_flags": "VERIFY_X509_STRICT", "legacy_responses": "true",
+    "ssl_validate_ocsp": "false", "ssl_validate_ocsp_stapled": "false",
 }  # fmt: skip
 
 
@@ -210,3 +211,22 @@ def test_a_client_whose_pool_names_no_server_is_refused() -> None:
     pool.connection_kwargs.pop("host", None)
     message = refused(redis.Redis(connection_pool=pool))
     assert "names no host or socket path" in message
+
+
+def test_an_ssl_password_in_a_url_never_shows() -> None:
+    """The TLS key's password (``?ssl_password=``) is hidden like the server's."""
+    for url in (
+        "rediss://h:6380/0?ssl_keyfile=/k&ssl_password=hunter2",
+        "rediss://h:6380/0?ssl_password=hunter2&ssl_min_version=bogus",
+    ):
+        assert "hunter2" not in redact(url)
+        with pytest.raises(RedlockConfigError) as caught:
+            parse_server(url.replace("/k&", "/k&ssl_min_version=bogus&"))
+        assert "hunter2" not in str(caught.value)
+
+
+def test_url_options_a_connection_takes_are_accepted() -> None:
+    """Options redis-py's connections take (``legacy_responses``, OCSP checks on
+    TLS) are not refused."""
+    parse_server("redis://h:6379/0?legacy_responses=true")
+    parse_server("rediss://h:6380/0?ssl_validate_ocsp=false&ssl_validate_ocsp_stapled=false")
