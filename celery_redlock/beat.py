@@ -54,9 +54,12 @@ Limits:
   read the record from a quorum goes on from its own schedule;
 - an interval schedule (``"schedule": 10.0``) whose entry no leader sent
   yet has each beat's own phase, counted from when it started;
-- with ``redlock_standby_ticks = False`` a standby does not tick, and a
-  scheduler that caches its entries in memory (django-celery-beat reads
-  them once) goes on from the record as above.
+- with ``redlock_standby_ticks = False`` a standby does not tick; a
+  scheduler that keeps its entries in a database (django-celery-beat, which
+  re-reads them every 5 minutes and on any change) goes on from the record
+  as above, and the new leader stores what it went on from in the entries'
+  models, written at the scheduler's next sync (a re-read before that write
+  would not undo it: the write comes first).
 
 For a job that must run at most once per period whatever the beats do, make
 it a ``RedlockTask`` with ``redlock_hold`` (a period, or a little less): a
@@ -343,7 +346,9 @@ class RedlockSchedulerMixin:
     def _note_send(self, name: str, when: float) -> None:
         """Note a send in the record beside the lock (best effort: a failure is logged)."""
         try:
-            taken = self.redlock.raise_times(self._sends_key(), {name: when}, SENDS_KEEP)
+            taken = self.redlock.raise_times(
+                self._sends_key(), {name: when}, SENDS_KEEP, forget_before=when - SENDS_KEEP
+            )
         except Exception as exc:
             taken, why = 0, f": {exc}"
         else:
@@ -403,7 +408,7 @@ class RedlockSchedulerMixin:
                     continue
                 when = before
             if when != own:
-                entry.last_run_at = when
+                self._set_last_run(str(name), entry, when)
                 changed += 1
         if changed and hasattr(self, "_heap"):
             self._heap = None  # Celery's scheduler re-reads every entry's next time
@@ -445,7 +450,7 @@ class RedlockSchedulerMixin:
                     )
                     if not exact and when <= own:
                         continue
-                entry.last_run_at = when
+                self._set_last_run(str(name), entry, when)
                 if exact:
                     self._sent[str(name)] = float(stamp)
                 taken += 1
@@ -456,6 +461,19 @@ class RedlockSchedulerMixin:
             data.get("from", "?") if isinstance(data, dict) else "?",
             taken,
         )
+
+    def _set_last_run(self, name: str, entry: Any, when: datetime) -> None:
+        """Set ``entry``'s last run; for a scheduler keeping its entries in a database
+        (django-celery-beat's ModelEntry), in the model too, marked for its next
+        write: it re-reads its entries from the database now and then, and would
+        otherwise take back what it had stored before."""
+        entry.last_run_at = when
+        model = getattr(entry, "model", None)
+        if model is not None and hasattr(model, "last_run_at"):
+            model.last_run_at = when
+            dirty = getattr(self, "_dirty", None)
+            if isinstance(dirty, set):
+                dirty.add(name)
 
     def _handed_over_times(self) -> dict[str, dict[str, float]]:
         """What a hand-over carries: ``sent``, each entry's last send this beat knows
@@ -551,10 +569,10 @@ class RedlockSchedulerMixin:
             self._dry_from.setdefault(name, getattr(entry, "last_run_at", None))
             return
         if not self.is_leader:
-            logger.warning(
-                "beat: not sending %s: the leader lock's validity ran out first",
-                getattr(entry, "name", entry),
-            )
+            name = str(getattr(entry, "name", entry))
+            logger.warning("beat: not sending %s: the leader lock's validity ran out first", name)
+            # (Celery's tick has advanced it past this due time: see _catch_up.)
+            self._dry_from.setdefault(name, getattr(entry, "last_run_at", None))
             self._step_down("the leader lock's validity ran out before a send")
             return
         super().apply_entry(entry, producer=producer)  # type: ignore[misc]
@@ -566,9 +584,12 @@ class RedlockSchedulerMixin:
         if self._standby_tick or not self.is_leader:
             self.apply_entry(entry)  # says why, and steps down when the lock ran out
             return None
+        # The time the send began (its due time, about): a send blocked past the
+        # entry's next due time must not be noted as covering that one too.
+        began = time.time()
         result = super().apply_async(entry, *args, **kwargs)  # type: ignore[misc]
-        sent = self._sent[str(entry.name)] = time.time()
-        self._note_send(str(entry.name), sent)
+        self._sent[str(entry.name)] = began
+        self._note_send(str(entry.name), began)
         return result
 
     def close(self) -> None:

@@ -971,10 +971,17 @@ class Redlock:
         """The token that holds ``resource`` on a quorum of nodes, or None."""
         return self.inspect(resource).holder
 
-    def raise_times(self, resource: str, times: Mapping[str, float], keep: float) -> int:
+    def raise_times(
+        self,
+        resource: str,
+        times: Mapping[str, float],
+        keep: float,
+        forget_before: float | None = None,
+    ) -> int:
         """Note ``times`` in the hash ``resource`` on every node: each field is raised
-        to its time, never lowered; the hash is kept ``keep`` seconds from now.
-        How many nodes took it.
+        to its time, never lowered; the hash is kept ``keep`` seconds from now, and
+        fields noted before ``forget_before`` (a time) are dropped. How many nodes
+        took it.
 
         A record that outlives a lock, read back by :meth:`read_times`: a beat
         leader notes each send in it, for the next leader to go on from.
@@ -982,7 +989,8 @@ class Redlock:
         resource = _resource(resource)
         if not times:
             return 0
-        args: list[str | int] = [_ttl_ms(keep)]
+        forget = "" if forget_before is None else repr(float(forget_before))
+        args: list[str | int] = [_ttl_ms(keep), forget]
         for name, when in times.items():
             if not math.isfinite(when):
                 raise ValueError(f"the time of {name!r} must be a finite number, not {when!r}")

@@ -122,6 +122,7 @@ from typing import Any, ClassVar
 from celery import Task, states
 from celery._state import get_current_worker_task
 from celery.backends.base import DisabledBackend
+from celery.backends.rpc import RPCBackend
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils import uuid
 from celery.utils.time import get_exponential_backoff_interval
@@ -382,7 +383,7 @@ class RedlockTask(Task):  # type: ignore[misc]
                 if exc.unavailable:
                     return manager, exc
                 info = manager.inspect(key)
-                if _revoked_hold(info.holder, self.app) is None:
+                if _revoked_hold(info.holder, self) is None:
                     return manager, _holder_or(exc, info)
         attempts = max(1, settings.retry_count)
         failure: LockNotAcquired | None = None
@@ -394,7 +395,7 @@ class RedlockTask(Task):  # type: ignore[misc]
                 if not exc.unavailable:
                     info = manager.inspect(key)
                     if info.holder is not None and info.holder not in (token, takeover):
-                        revoked = _revoked_hold(info.holder, self.app)
+                        revoked = _revoked_hold(info.holder, self)
                         if revoked is None:
                             return manager, _by_task_id(info)  # held on a quorum by another run
                         # A hold for a queued message that was revoked: it will not run.
@@ -428,6 +429,8 @@ class RedlockTask(Task):  # type: ignore[misc]
             self._redlock_hold_lock(run, outcome, time.monotonic() - started)
         elif isinstance(outcome, LockInfo):
             self._redlock_duplicate(run, outcome)
+        elif not outcome.unavailable:
+            self._redlock_contended(run, outcome)
         else:
             self._redlock_unavailable(run, outcome)
 
@@ -497,6 +500,35 @@ class RedlockTask(Task):  # type: ignore[misc]
             delay,
         )
         self._redlock_send_skipped(run, info)
+        self.signature_from_request(countdown=delay).apply_async()
+        run.skipped = True
+        run.done = True
+        raise Ignore()
+
+    def _redlock_contended(self, run: _Run, failure: LockNotAcquired) -> None:
+        """No one holds the key on a quorum, and this run could not take it either
+        (votes split between contenders, or a holder's nodes down): the run is no
+        proven duplicate, so it is neither skipped nor run unlocked, but sent again
+        to run after the most common token's time left (or about
+        ``redlock_retry_delay``), like a delivery meeting its own lock: no RETRY
+        state, ``max_retries`` untouched, the same task id. Eager, it fails."""
+        if self.request.is_eager:
+            raise failure
+        left = None
+        if run.manager is not None:
+            with contextlib.suppress(Exception):
+                left = run.manager.inspect(run.key).ttl_left
+        delay = max(0.1, run.settings.retry_delay if left is None else left)
+        delay *= random.uniform(1.0, 1.25)
+        _log.info(
+            "task %s[%s]: no one holds its lock %s on a quorum, and it could not take it "
+            "(%s): sent again to run in %.1f s",
+            self.name,
+            run.task_id,
+            run.key,
+            failure,
+            delay,
+        )
         self.signature_from_request(countdown=delay).apply_async()
         run.skipped = True
         run.done = True
@@ -934,7 +966,7 @@ class RedlockTask(Task):  # type: ignore[misc]
         given: bool,
         delay: float,
     ) -> Any:
-        if delay > (info.ttl_left or 0.0):
+        if info.holder is not None and info.ttl_left is not None and delay > info.ttl_left:
             # Due after the holder's lock runs out (unless renewed): a later round of
             # the work, not a duplicate of the run holding it now. Its run meets the lock.
             _log.info(
@@ -997,22 +1029,34 @@ def _as_delivered(args: Any, kwargs: Any, serializer: str | None) -> tuple[Any, 
         return tuple(json_loads(sent))  # type: ignore[no-untyped-call]
     content_type, encoding, payload = serialization.dumps(data, serializer=serializer)  # type: ignore[no-untyped-call]
     delivered = serialization.loads(payload, content_type, encoding, force=True)  # type: ignore[no-untyped-call]
-    return delivered[0], delivered[1]
+    if isinstance(delivered, (list, tuple)) and len(delivered) == 2:
+        return delivered[0], delivered[1]
+    return args, kwargs  # a serializer this process cannot decode: as given
 
 
-def _revoked_hold(holder: str | None, app: Any) -> str | None:
+def _revoked_hold(holder: str | None, task: Any) -> str | None:
     """``holder`` when it is a task id's own hold (a publish lock, a retry's, not a
-    run's) and that task was revoked (this worker was told, or the result backend
-    says so): its message will not run, so its hold is not a duplicate's."""
+    run's) and that task was revoked (this process was told, or the task's result
+    backend says so: Celery stores REVOKED for a queued task when the revoke
+    reaches a worker): its message will not run, so its hold is not a duplicate's.
+
+    The backend is asked once, without Celery's retries (a backend down answers
+    "not revoked"); not an RPC backend, which knows only this client's tasks."""
     if holder is None or task_id_of(holder) != holder:
         return None  # no one, or a run: a revoked run that runs on keeps its lock
     if holder in worker_state.revoked:
         return holder
-    if app.conf.task_always_eager or isinstance(app.backend, DisabledBackend):
-        return None  # no results to ask
+    backend = task.backend
+    meta_for = getattr(backend, "_get_task_meta_for", None)
+    if (
+        task.app.conf.task_always_eager
+        or meta_for is None
+        or isinstance(backend, (DisabledBackend, RPCBackend))
+    ):
+        return None
     try:
-        state = app.AsyncResult(holder).state
-    except Exception:  # no result backend, or it cannot be reached
+        state = meta_for(holder).get("status")
+    except Exception:  # the backend cannot be reached: not known to be revoked
         return None
     return holder if state == states.REVOKED else None
 
@@ -1030,8 +1074,8 @@ def _sent_for_parent(options: Mapping[str, Any]) -> bool:
 def _holder_or(failure: LockNotAcquired, info: LockInfo) -> LockInfo | LockNotAcquired:
     """The holder's info (as a task id) when someone holds the key on a quorum; else
     ``failure``: no one does (votes split between contenders, or keys left on a
-    minority), so the call is no duplicate, and must not be skipped as one: it
-    fails (or retries) as a call that could not take its lock."""
+    minority), so the call is no proven duplicate, and must not be skipped as one
+    (see :meth:`RedlockTask._redlock_contended`)."""
     return failure if info.holder is None else _by_task_id(info)
 
 

@@ -572,6 +572,31 @@ def test_a_leader_dying_without_a_hand_over_loses_no_due_time_to_the_standby_s_t
     assert caught_up == ["late", "slow"], spy_b.sends
 
 
+def test_a_send_refused_for_lock_validity_is_made_when_the_beat_leads_again(
+    redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
+) -> None:
+    """The leader lock's validity runs out just as an entry no one has sent yet comes
+    due: the send is refused (Celery's tick has already stepped the entry past its
+    due time) and the beat steps down. Leading again at its next poll, it sends
+    that due time, not one period later."""
+    app = make_app(redis_urls[:3], beat_schedule={"slow": {"task": TASK, "schedule": 2.0}})
+    a, spy_a = schedulers(app)
+    started = time.monotonic()
+    drive([a], 1.6)
+    assert a.is_leader
+    assert spy_a.sends == []
+    lock, watch = a._leader, a._watch
+    assert lock is not None
+    assert watch is not None
+    watch.cancel()
+    lock.expires_at = time.monotonic()  # its validity has run out
+    drive([a], 2.6 - (time.monotonic() - started))  # due at 2.0; a poll later it leads
+    assert a.is_leader
+    sent = [when - started for when, _ in spy_a.sends]
+    assert len(sent) == 1, sent
+    assert 2.0 <= sent[0] < 2.6, sent
+
+
 def test_a_leader_blocked_in_a_send_past_its_ttl_keeps_leading_alone(
     redis_urls: list[str], schedulers: Callable[..., tuple[RedlockScheduler, Spy]]
 ) -> None:
@@ -783,7 +808,7 @@ def test_django_celery_beat_s_database_scheduler_with_the_mixin_hands_over_its_p
     redis_urls: list[str], tmp_path: Path
 ) -> None:
     """The README's HADatabaseScheduler on django-celery-beat itself (SQLite), an
-    every-second PeriodicTask: the standby, which reads the entries once, sends
+    every-second PeriodicTask: the standby, whose entries are as it read them, sends
     nothing while the other leads, and after the leader's clean shutdown just after
     a send, sends one interval after that send; so it does going on from the record
     of sends beside the lock alone (as after a leader that died without a
@@ -802,6 +827,19 @@ def test_django_celery_beat_s_database_scheduler_with_the_mixin_hands_over_its_p
     without = _django_beats(redis_urls[:3], tmp_path / "control.sqlite3", "no-handover")
     assert without["b_sent_while_a_led"] == 0
     assert without["gap"] < 0.5, without
+
+
+def test_a_django_beat_taking_over_from_a_dead_leader_stores_the_noted_sends(
+    redis_urls: list[str], tmp_path: Path
+) -> None:
+    """django-celery-beat re-reads its entries from the database (every 5 minutes,
+    and on any change): a new leader that went on from the noted sends of a leader
+    that died before writing its last send to the database stores them there too,
+    so the re-read does not make an hourly task due again."""
+    run = _django_beats(redis_urls[:3], tmp_path / "killed.sqlite3", "killed")
+    assert run["a"] == 1
+    assert run["b_led"] is True
+    assert run["b"] == 0, run
 
 
 def test_no_lock_servers_and_no_redis_broker_names_redlock_servers(tmp_path: Path) -> None:

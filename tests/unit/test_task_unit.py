@@ -887,16 +887,20 @@ def _split(servers: list[fakeredis.FakeRedis], key: str) -> None:
 
 
 @pytest.mark.parametrize("on_unavailable", ["fail", "run"])
-def test_a_run_that_meets_a_split_vote_is_not_skipped_as_a_duplicate(
+def test_a_run_that_meets_a_split_vote_is_sent_again_not_skipped_nor_run_unlocked(
     app: Celery,
     servers: list[fakeredis.FakeRedis],
+    sent: list[str],
     seen: list[tuple[str, dict[str, Any]]],
     on_unavailable: str,
 ) -> None:
-    """No one holds the key on a quorum (votes split between contenders): the run is
-    no duplicate of anyone. It fails with LockNotAcquired, or runs unlocked under
-    redlock_on_unavailable="run"; it never ends as a skipped success with no run
-    behind the key."""
+    """No one holds the key on a quorum (votes split between contenders, or a
+    holder's nodes down): the run is no proven duplicate. It is neither skipped
+    (ending as a success with no run behind the key) nor run unlocked (beside a
+    holder whose nodes are down), also under redlock_on_unavailable="run": it is
+    sent again, same task id, to run later. Eager (no broker), it fails."""
+    from celery.app.trace import build_tracer
+
     ran: list[int] = []
 
     @app.task(base=RedlockTask, shared=False, redlock_retry_count=2,
@@ -906,15 +910,17 @@ def test_a_run_that_meets_a_split_vote_is_not_skipped_as_a_duplicate(
         return n
 
     _split(servers, work.redlock_key_for((1,), {}))
-    result = work.apply((1,))
+    trace = build_tracer(work.name, work, app=app, eager=False, hostname="h")
+    outcome = trace("split-run", (1,), {}, {"id": "split-run", "delivery_info": {}})
+    assert outcome.info.state == "IGNORED", (outcome.info.state, outcome.info.retval)
+    assert sent == ["split-run"]  # the same message, sent again
+    assert ran == []
     assert [name for name, _ in seen if name == "lock_skipped"] == []
-    if on_unavailable == "fail":
-        assert result.state == "FAILURE"
-        assert isinstance(result.result, LockNotAcquired)
-        assert ran == []
-    else:
-        assert result.state == "SUCCESS"
-        assert ran == [1]
+    app.conf.task_always_eager = True
+    result = work.apply((1,))
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, LockNotAcquired)
+    assert ran == []
 
 
 def test_a_callback_the_worker_sends_for_a_finished_task_never_fails_that_task(
@@ -1123,3 +1129,23 @@ def test_a_key_function_sees_the_arguments_as_any_serializer_delivers_them(
         assert manager(work).holder(work.redlock_key_for(([1, 2],), {})) == result.id
     finally:
         unregister("lists-only")
+
+
+def test_a_publish_takes_over_a_hold_whose_task_the_result_backend_says_was_revoked(
+    app: Celery, sent: list[str]
+) -> None:
+    """Celery stores REVOKED for a queued task when a revoke reaches a worker: a
+    publisher (not told of the revoke itself) asks the task's result backend about
+    a bare task id's hold, and takes the key over instead of dropping its call."""
+    app.conf.result_backend = "cache+memory://"
+
+    @app.task(base=RedlockTask, shared=False, redlock_lock_on="publish")
+    def work(n: int) -> None: ...
+
+    key = take(work, 1, token="queued-x")
+    assert work.delay(1).id == "queued-x"  # a duplicate of the queued call
+    assert sent == []
+    work.backend.mark_as_revoked("queued-x", reason="revoked")
+    result = work.delay(1)
+    assert sent == [result.id]
+    assert manager(work).holder(key) == result.id

@@ -14,8 +14,8 @@ neither: what a scheduler caching its entries does without them).
 The README's class, ``HADatabaseScheduler(RedlockSchedulerMixin,
 DatabaseScheduler)`` with ``redlock_standby_ticks = False``, for an
 every-second ``PeriodicTask``. Beat ``a`` leads and sends; ``b`` starts at
-the same moment and stands by (reading the entries once, as
-DatabaseScheduler does). Just after one of ``a``'s sends, ``a`` closes,
+the same moment and stands by (its entries as it read them; DatabaseScheduler
+re-reads them only every 5 minutes or on a change). Just after one of ``a``'s sends, ``a`` closes,
 and ``b`` leads. Prints one JSON object: the sends of each (seconds from the
 start, on the monotonic clock), when ``a`` closed, and the gap between
 ``a``'s last send and ``b``'s first.
@@ -119,6 +119,78 @@ def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
     }
 
 
+def killed(servers: list[str], db: str) -> dict[str, Any]:
+    """Beat ``a`` sends an hourly task (last run two hours ago in the database) and
+    dies before writing that to the database (no close, no sync); ``b`` takes over
+    when the lock runs out, then re-reads its entries from the database (as
+    DatabaseScheduler does every 5 minutes, and on any change). Prints the sends
+    of the hourly task by each."""
+    _setup(db)
+    import datetime
+
+    from celery import Celery
+    from django.utils import timezone
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    from celery_redlock.beat import RedlockSchedulerMixin
+
+    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
+        redlock_standby_ticks = False
+
+    app = Celery("beat_django_killed", broker="memory://")
+    app.conf.update(
+        redlock_servers=servers,
+        redlock_beat_ttl=2.0,
+        redlock_beat_poll=0.1,
+        redlock_beat_lock_key="redlock:beat:django-killed",
+        timezone="UTC",
+        beat_schedule={},
+    )
+    hourly = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.HOURS)
+    PeriodicTask.objects.create(
+        name="hourly", task=TASK, interval=hourly,
+        last_run_at=timezone.now() - datetime.timedelta(hours=2),
+    )  # fmt: skip
+    sends: dict[str, int] = {"a": 0, "b": 0}
+
+    def spy(name: str, scheduler: Any) -> Any:
+        real = scheduler.apply_async
+
+        def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
+            if entry.name == "hourly":
+                sends[name] += 1
+            return real(entry, *args, **kwargs)
+
+        scheduler.apply_async = apply_async
+        return scheduler
+
+    a = spy("a", HADatabaseScheduler(app=app, lazy=False))
+    b = spy("b", HADatabaseScheduler(app=app, lazy=False))
+    a._last_sync = time.monotonic()  # a's next write to the database is minutes away
+    deadline = time.monotonic() + 10
+    while not sends["a"] and time.monotonic() < deadline:
+        a.tick()
+        b.tick()
+        time.sleep(0.01)
+    a._watch.cancel()  # a dies: no renewal, no close, no sync
+    deadline = time.monotonic() + 10
+    while not b.is_leader and time.monotonic() < deadline:
+        b.tick()
+        time.sleep(0.02)
+    led = b.is_leader
+    b._last_full_sync = datetime.datetime.now() - datetime.timedelta(seconds=400)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:  # b re-reads the database at its next tick
+        b.tick()
+        time.sleep(0.02)
+    b.close()
+    return {"a": sends["a"], "b": sends["b"], "b_led": led}
+
+
 if __name__ == "__main__":
     servers_arg, db_arg, mode_arg = sys.argv[1:4]
-    print(json.dumps(main(servers_arg.split(","), db_arg, mode_arg)))
+    if mode_arg == "killed":
+        print(json.dumps(killed(servers_arg.split(","), db_arg)))
+    else:
+        print(json.dumps(main(servers_arg.split(","), db_arg, mode_arg)))
