@@ -152,20 +152,17 @@ EXTEND = Script(
 # Returns {token or nil, remaining TTL in ms (-2 when absent, -1 when no TTL)}.
 INSPECT = Script(b"return {redis.call('get', KEYS[1]), redis.call('pttl', KEYS[1])}")
 
-# KEYS[1] a hash of times; ARGV[1] ms to keep the hash; ARGV[2] a time: fields
-# noted before it are dropped ("": none); ARGV[3], ARGV[4], ... field, time pairs
+# KEYS[1] a hash of times; ARGV[1] ms to keep the hash; ARGV[2] how many fields
+# to drop (n), ARGV[3] .. ARGV[2 + n] those fields; then field, time pairs
 # (times as decimal numbers).
-# Drops the fields older than ARGV[2], raises each given field to its time (never
-# lowers it), then keeps the hash ARGV[1] ms. Returns 1. (A record of times each
-# node keeps on its own: read back, the highest time of each field on the nodes
-# that answer is the latest noted.)
+# Drops the n fields, raises each given field to its time (never lowers it), then
+# keeps the hash ARGV[1] ms. Returns 1. (A record of times each node keeps on its
+# own: read back, the highest time of each field on the nodes that answer is the
+# latest noted.)
 RAISE_TIMES = Script(
-    b"if ARGV[2] ~= '' then "
-    b"local all = redis.call('hgetall', KEYS[1]) "
-    b"for i = 1, #all, 2 do "
-    b"local t = tonumber(all[i + 1]) "
-    b"if not t or t < tonumber(ARGV[2]) then redis.call('hdel', KEYS[1], all[i]) end end end "
-    b"for i = 3, #ARGV, 2 do "
+    b"local n = tonumber(ARGV[2]) "
+    b"for i = 3, 2 + n do redis.call('hdel', KEYS[1], ARGV[i]) end "
+    b"for i = 3 + n, #ARGV, 2 do "
     b"local old = tonumber(redis.call('hget', KEYS[1], ARGV[i])) "
     b"if not old or old < tonumber(ARGV[i + 1]) then "
     b"redis.call('hset', KEYS[1], ARGV[i], ARGV[i + 1]) end end "

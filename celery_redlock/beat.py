@@ -346,9 +346,7 @@ class RedlockSchedulerMixin:
     def _note_send(self, name: str, when: float) -> None:
         """Note a send in the record beside the lock (best effort: a failure is logged)."""
         try:
-            taken = self.redlock.raise_times(
-                self._sends_key(), {name: when}, SENDS_KEEP, forget_before=when - SENDS_KEEP
-            )
+            taken = self.redlock.raise_times(self._sends_key(), {name: when}, SENDS_KEEP)
         except Exception as exc:
             taken, why = 0, f": {exc}"
         else:
@@ -407,13 +405,22 @@ class RedlockSchedulerMixin:
                 if not isinstance(before, datetime):
                     continue
                 when = before
-            if when != own:
+            model = getattr(getattr(entry, "model", None), "last_run_at", when)
+            # (A database scheduler's tick moves the model, not the entry it keeps.)
+            if when != own or when != model:
                 self._set_last_run(str(name), entry, when)
                 changed += 1
         if changed and hasattr(self, "_heap"):
             self._heap = None  # Celery's scheduler re-reads every entry's next time
         if changed:
             logger.info("beat: %d entries go on from the last sends noted by any leader", changed)
+        # Notes of entries gone from the schedule, not sent for SENDS_KEEP, are dropped
+        # (a database schedule's one-off tasks would add a field each for good).
+        old = time.time() - SENDS_KEEP
+        stale = [n for n, t in noted.items() if t < old and n not in schedule]
+        if stale:
+            with contextlib.suppress(Exception):
+                self.redlock.raise_times(self._sends_key(), {}, SENDS_KEEP, forget=stale)
 
     def _go_on_from(self, token: str) -> None:
         """Take the old leader's sends into this beat's schedule.
@@ -521,6 +528,12 @@ class RedlockSchedulerMixin:
         lock, self._leader = self._leader, None
         self._next_try = time.monotonic() + self._poll
         self._stop_renewing()
+        dirty = getattr(self, "_dirty", None)
+        if isinstance(dirty, set) and lock is not None:
+            # A database scheduler's entries this beat changed as leader, not yet
+            # written: written later (at close), they could go over the new leader's
+            # newer writes. The sends among them are noted; the new leader stores them.
+            dirty.clear()
         if lock is None:
             return
         logger.error("beat: stepping down to standby, sending stopped: %s", why)

@@ -31,7 +31,7 @@ import secrets
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -976,21 +976,20 @@ class Redlock:
         resource: str,
         times: Mapping[str, float],
         keep: float,
-        forget_before: float | None = None,
+        forget: Iterable[str] = (),
     ) -> int:
         """Note ``times`` in the hash ``resource`` on every node: each field is raised
-        to its time, never lowered; the hash is kept ``keep`` seconds from now, and
-        fields noted before ``forget_before`` (a time) are dropped. How many nodes
-        took it.
+        to its time, never lowered; the fields in ``forget`` are dropped first; the
+        hash is kept ``keep`` seconds from now. How many nodes took it.
 
         A record that outlives a lock, read back by :meth:`read_times`: a beat
         leader notes each send in it, for the next leader to go on from.
         """
         resource = _resource(resource)
-        if not times:
+        dropped = [str(name) for name in forget]
+        if not times and not dropped:
             return 0
-        forget = "" if forget_before is None else repr(float(forget_before))
-        args: list[str | int] = [_ttl_ms(keep), forget]
+        args: list[str | int] = [_ttl_ms(keep), len(dropped), *dropped]
         for name, when in times.items():
             if not math.isfinite(when):
                 raise ValueError(f"the time of {name!r} must be a finite number, not {when!r}")

@@ -142,7 +142,13 @@ from .config import (
     unknown_settings,
     validate_value,
 )
-from .exceptions import DuplicateTask, LockNotAcquired, QuorumUnavailable, RedlockConfigError
+from .exceptions import (
+    DuplicateTask,
+    LockNotAcquired,
+    QuorumUnavailable,
+    RedlockConfigError,
+    Vote,
+)
 from .keys import build_key, run_mark, run_token, task_id_of
 from .redlock import MAX_TTL, Lock, LockInfo, Redlock
 from .signals import lock_acquired, lock_lost, lock_released, lock_skipped
@@ -429,7 +435,9 @@ class RedlockTask(Task):  # type: ignore[misc]
             self._redlock_hold_lock(run, outcome, time.monotonic() - started)
         elif isinstance(outcome, LockInfo):
             self._redlock_duplicate(run, outcome)
-        elif not outcome.unavailable:
+        elif any(v.vote is Vote.HELD for v in outcome.votes) and not outcome.unavailable:
+            # (Held by another token on some node: contention. Granted too slowly, or
+            # nodes down, is a failure to lock: as when the nodes cannot be reached.)
             self._redlock_contended(run, outcome)
         else:
             self._redlock_unavailable(run, outcome)

@@ -842,6 +842,19 @@ def test_a_django_beat_taking_over_from_a_dead_leader_stores_the_noted_sends(
     assert run["b"] == 0, run
 
 
+def test_a_django_beat_makes_a_refused_send_when_it_leads_again(
+    redis_urls: list[str], tmp_path: Path
+) -> None:
+    """DatabaseScheduler's tick moves the entry's model, not the entry it keeps: a
+    send refused because the lock's validity ran out is still made when the beat
+    leads again at its next poll, not a minute later."""
+    run = _django_beats(redis_urls[:3], tmp_path / "refused.sqlite3", "refused")
+    assert run["led_again"], run
+    assert len(run["sends"]) == 1, run
+    assert run["sends"][0] >= run["led_again"] - 0.05, run
+    assert run["sends"][0] < 2.0, run
+
+
 def test_no_lock_servers_and_no_redis_broker_names_redlock_servers(tmp_path: Path) -> None:
     app = Celery("beat_unit_nobroker", broker="amqp://guest@127.0.0.1//", set_as_current=False)
     with pytest.raises(RedlockConfigError, match="redlock_servers"):

@@ -1125,9 +1125,12 @@ def test_noted_times_are_only_raised_and_read_back_as_each_field_s_highest(
     with pytest.raises(ValueError, match="finite"):
         rl.raise_times("sends", {"a": math.inf}, keep=60)
     assert rl.read_times("nothing-noted") == ({}, N)
-    # Fields noted before forget_before are dropped as a new time is noted.
-    assert rl.raise_times("sends", {"d": 200.0}, keep=60, forget_before=100.0) == N
+    # Fields named in forget are dropped (with or without new times).
+    assert rl.raise_times("sends", {"d": 200.0}, keep=60, forget=["b"]) == N
     assert rl.read_times("sends") == ({"a": 100.5, "d": 200.0}, N)
+    assert rl.raise_times("sends", {}, keep=60, forget=["a"]) == N
+    assert rl.read_times("sends") == ({"d": 200.0}, N)
+    assert rl.raise_times("sends", {}, keep=60) == 0  # nothing to do: nothing sent
 
 
 @pytest.mark.parametrize(

@@ -1149,3 +1149,33 @@ def test_a_publish_takes_over_a_hold_whose_task_the_result_backend_says_was_revo
     result = work.delay(1)
     assert sent == [result.id]
     assert manager(work).holder(key) == result.id
+
+
+def test_a_lock_granted_too_slowly_fails_the_run_not_sent_again(
+    app: Celery, sent: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every node said yes, but too late for any validity (a TTL close to the nodes'
+    latency): no one else holds the key, so this is no contention to wait out; the
+    run fails with LockNotAcquired (and its advice), not sent again and again."""
+    from celery.app.trace import build_tracer
+
+    from celery_redlock.exceptions import NodeVote, Vote
+
+    ran: list[int] = []
+
+    @app.task(base=RedlockTask, shared=False, redlock_retry_count=1)
+    def work(n: int) -> int:
+        ran.append(n)
+        return n
+
+    def too_slow(self: Redlock, resource: str, *args: Any, **kwargs: Any) -> Any:
+        votes = [NodeVote(node.name, Vote.YES) for node in self.nodes]
+        raise LockNotAcquired(resource, votes, 1)
+
+    monkeypatch.setattr(Redlock, "acquire", too_slow)
+    trace = build_tracer(work.name, work, app=app, eager=False, hostname="h")
+    outcome = trace("slow-run", (1,), {}, {"id": "slow-run", "delivery_info": {}})
+    assert outcome.info.state == "FAILURE", outcome.info.state
+    assert isinstance(outcome.info.retval, LockNotAcquired)
+    assert sent == []
+    assert ran == []

@@ -188,9 +188,71 @@ def killed(servers: list[str], db: str) -> dict[str, Any]:
     return {"a": sends["a"], "b": sends["b"], "b_led": led}
 
 
+def refused(servers: list[str], db: str) -> dict[str, Any]:
+    """One beat leads; a minutely task (last run 59.4 s ago in the database) comes
+    due just after the leader lock's validity has run out: the send is refused and
+    the beat steps down, then leads again at its next poll. Prints when it sent
+    the task (seconds from the start), and when it led again."""
+    _setup(db)
+    import datetime
+
+    from celery import Celery
+    from django.utils import timezone
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    from celery_redlock.beat import RedlockSchedulerMixin
+
+    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
+        redlock_standby_ticks = False
+
+    app = Celery("beat_django_refused", broker="memory://")
+    app.conf.update(
+        redlock_servers=servers,
+        redlock_beat_ttl=5.0,
+        redlock_beat_poll=0.1,
+        redlock_beat_lock_key="redlock:beat:django-refused",
+        timezone="UTC",
+        beat_schedule={},
+    )
+    minutely = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.MINUTES)
+    start = time.monotonic()
+    PeriodicTask.objects.create(
+        name="minutely", task=TASK, interval=minutely,
+        last_run_at=timezone.now() - datetime.timedelta(seconds=59.4),
+    )  # fmt: skip
+    sends: list[float] = []
+    a = HADatabaseScheduler(app=app, lazy=False)
+    real = a.apply_async
+
+    def apply_async(entry: Any, *args: Any, **kwargs: Any) -> Any:
+        if entry.name == "minutely":
+            sends.append(time.monotonic() - start)
+        return real(entry, *args, **kwargs)
+
+    a.apply_async = apply_async
+    while not a.is_leader and time.monotonic() - start < 5:
+        a.tick()
+        time.sleep(0.01)
+    a._watch.cancel()
+    a._leader.expires_at = time.monotonic()  # its validity has run out
+    led_again = None
+    while time.monotonic() - start < 2.0:
+        a.tick()
+        if led_again is None and a._leader is None:
+            led_again = 0.0  # stepped down
+        elif led_again == 0.0 and a.is_leader:
+            led_again = time.monotonic() - start
+        time.sleep(0.01)
+    a.close()
+    return {"sends": sends, "led_again": led_again}
+
+
 if __name__ == "__main__":
     servers_arg, db_arg, mode_arg = sys.argv[1:4]
     if mode_arg == "killed":
         print(json.dumps(killed(servers_arg.split(","), db_arg)))
+    elif mode_arg == "refused":
+        print(json.dumps(refused(servers_arg.split(","), db_arg)))
     else:
         print(json.dumps(main(servers_arg.split(","), db_arg, mode_arg)))
