@@ -460,12 +460,19 @@ def _as_spelt(app: Any, full: str) -> str:
 
 
 def unknown_settings(names: Iterable[object], namespace: str | None = None) -> list[str]:
-    """Error lines for ``redlock_*`` names that are not settings (typos).
+    """Error lines for ``redlock_*`` names that are not settings (typos), or that are
+    settings spelt so that Celery never reads them (``REDLOCK_TTL`` in a module
+    without a namespace; ``CELERY_redlock_ttl``, or ``REDLOCK_TTL`` without the
+    prefix, under ``namespace="CELERY"``).
 
+    Under a namespace only the names after its prefix are checked (and settings
+    set on ``app.conf`` by their own lowercase name): a project's own settings
+    that happen to start with ``REDLOCK_`` (Django's) are none of ours.
     ``redlock_beat_*`` names belong to :mod:`celery_redlock.beat`, which checks them.
     """
     errors = []
     ns = (namespace or "").lower()
+    known = SETTING_NAMES + OTHER_SETTINGS
     for raw in names:
         if not isinstance(raw, str):
             continue
@@ -474,10 +481,20 @@ def unknown_settings(names: Iterable[object], namespace: str | None = None) -> l
         if ns and name.startswith(ns + "_"):
             spelt = raw[: len(ns) + 1]
             name = name[len(ns) + 1 :]
-        if name in OTHER_SETTINGS:
-            continue  # another part's settings, validated there
-        if name.startswith(PREFIX) and name not in SETTING_NAMES and name != "redlock_lost":
-            known = SETTING_NAMES + OTHER_SETTINGS
+        if not name.startswith(PREFIX) or name == "redlock_lost":
+            continue
+        if ns and not spelt:
+            if raw == name:
+                pass  # set on app.conf by its own name: read as it is
+            elif name in known:
+                errors.append(
+                    f"{raw} is not read: the app reads its settings under the "
+                    f"{namespace}_ namespace; spell it {namespace}_{name.upper()}"
+                )
+                continue
+            else:
+                continue  # the project's own setting, not under the namespace
+        if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = ""
             if close:
@@ -487,6 +504,18 @@ def unknown_settings(names: Iterable[object], namespace: str | None = None) -> l
             errors.append(
                 f"{raw} is not a celery_redlock setting{hint} "
                 f"(the settings are {', '.join(known)}{where})"
+            )
+            continue
+        if spelt and namespace:
+            # As Celery looks it up: the namespace as given, then the name in its case.
+            readable = f"{namespace}_{name.upper() if namespace.isupper() else name}"
+            if raw != readable:
+                errors.append(f"{raw} is not read: spell it {readable}")
+        elif not spelt and raw != name:
+            errors.append(
+                f"{raw} is not read: Celery reads the setting by its lowercase name "
+                f"{name} (or, with app.config_from_object(..., namespace=...), as "
+                f"<NAMESPACE>_{name.upper()})"
             )
     return errors
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ._nodes import _FANOUTS, parse_server
-from .config import forget_managers, get_redlock
+from .config import _set_on_task, forget_managers, get_redlock
 from .exceptions import RedlockConfigError
 from .keys import task_id_of
 
@@ -76,22 +76,29 @@ def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
 
     Yields the fake clients (inspect them, or pre-set a key to play another
     holder). A task whose class sets its own ``redlock_servers`` (or
-    ``redlock_version_check``) uses the fakes too. The previous configuration
-    is restored afterwards: a setting the app did not have is removed again,
+    ``redlock_version_check``), also to None (the broker), uses the fakes too.
+    Every ``redlock_*`` setting of ``app.conf`` is restored afterwards, also
+    those the block changed: a setting the app did not have is removed again,
     not left set to None.
     """
     servers = fake_servers(count)
     fake = {"redlock_servers": servers, "redlock_version_check": False}
     app.conf.get("redlock_servers")  # loads a configuration still pending
     changes = app.conf.changes
-    saved = {name: changes[name] for name in fake if name in changes}
+    saved = {
+        name: value
+        for name, value in changes.items()
+        if isinstance(name, str) and name.lower().startswith("redlock_")
+    }
     overridden: list[tuple[type, str, Any]] = []  # (class, name, its own value or _ABSENT)
     for task in app.tasks.values():
         if getattr(task, "__redlock_task__", False):
             cls = type(task)
             for name, value in fake.items():
                 # A task's attribute (its own or a base's) wins over app.conf.
-                if getattr(cls, name, None) is not None and (cls, name) not in {
+                if (
+                    getattr(cls, name, None) is not None or _set_on_task(task, name)
+                ) and (cls, name) not in {
                     (c, n) for c, n, _ in overridden
                 }:
                     overridden.append((cls, name, vars(cls).get(name, _ABSENT)))
@@ -102,11 +109,10 @@ def fake_redlock(app: Any, count: int = 3) -> Iterator[list[Any]]:
         yield servers
     finally:
         changes = app.conf.changes
-        for name in fake:
-            if name in saved:
-                changes[name] = saved[name]
-            else:
+        for name in [n for n in changes if isinstance(n, str) and n.lower().startswith("redlock_")]:
+            if name not in saved:
                 changes.pop(name, None)
+        changes.update(saved)
         for cls, name, value in reversed(overridden):
             if value is _ABSENT:
                 delattr(cls, name)  # inherited again from its base

@@ -417,3 +417,43 @@ def test_a_failed_start_up_check_is_answered_at_once_for_a_while_not_asked_again
         assert get_redlock(settings) is manager
     finally:
         config.forget_managers()
+
+
+@pytest.mark.parametrize(
+    ("namespace", "names", "error"),
+    [
+        (None, {"REDLOCK_SERVERS": ["redis://a"]}, "REDLOCK_SERVERS is not read"),
+        (None, {"Redlock_Ttl": 5}, "Redlock_Ttl is not read"),
+        ("CELERY", {"CELERY_redlock_ttl": 5}, "spell it CELERY_REDLOCK_TTL"),
+        ("CELERY", {"REDLOCK_TTL": 5}, "spell it CELERY_REDLOCK_TTL"),
+        ("celery", {"CELERY_REDLOCK_TTL": 5}, "spell it celery_redlock_ttl"),
+    ],
+)
+def test_a_setting_spelt_so_that_celery_never_reads_it_stops_the_worker(
+    namespace: str | None, names: dict[str, object], error: str
+) -> None:
+    """A setting Celery would never hand over (wrong case, or missing the namespace
+    prefix) is not silently ignored, leaving its default (the broker, one node)."""
+    from celery import Celery
+
+    from celery_redlock.config import validate_app
+
+    app = Celery("spelt", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.config_from_object(type("Settings", (), dict(names)), namespace=namespace)
+    with pytest.raises(RedlockConfigError, match=error):
+        validate_app(app)
+
+
+def test_a_project_s_own_redlock_named_setting_outside_the_namespace_is_left_alone() -> None:
+    """Under namespace="CELERY" (Django), a project's own REDLOCK_URL is none of
+    ours: the worker starts."""
+    from celery import Celery
+
+    from celery_redlock.config import validate_app
+
+    app = Celery("own", set_as_current=False)
+    app.config_from_object(
+        type("Settings", (), {"REDLOCK_URL": "x", "CELERY_REDLOCK_SERVERS": ["redis://h:1/0"]}),
+        namespace="CELERY",
+    )
+    validate_app(app)

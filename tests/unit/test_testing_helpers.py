@@ -336,3 +336,25 @@ def test_fake_redlock_covers_servers_a_task_inherits_from_its_base() -> None:
     assert "redlock_servers" not in vars(cls)
     assert cls.redlock_servers == CONFIGURED
     assert MyLocked.redlock_servers == CONFIGURED
+
+
+def test_fake_redlock_covers_a_task_set_to_the_broker_by_none() -> None:
+    """``redlock_servers=None`` on a task means the broker (over the app's servers):
+    inside the block it locks on the fakes, never on the real broker."""
+    app = new_app()
+    work, _ = counting_task(app, redlock_servers=None)
+    with fake_redlock(app) as fakes:
+        assert work.redlock_settings.servers == tuple(fakes)
+        assert work.apply((1,)).get() == 1
+    assert type(app.tasks[work.name]).redlock_servers is None
+
+
+def test_fake_redlock_restores_every_redlock_setting_the_block_changed() -> None:
+    """A test that changes another redlock_* setting inside the block does not leak
+    it to the next test."""
+    app = new_app(redlock_ttl=12.0)
+    with fake_redlock(app):
+        app.conf.redlock_on_duplicate = "raise"
+        app.conf.redlock_ttl = 3.0
+    assert app.conf.get("redlock_ttl") == 12.0
+    assert "redlock_on_duplicate" not in app.conf.changes
