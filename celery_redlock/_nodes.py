@@ -493,6 +493,7 @@ _PRELOADED = (
     _scripts.EXTEND,
     _scripts.RELEASE_OWNED,
     _scripts.REASSIGN,
+    _scripts.UNDO,
 )
 _PRELOAD = b"".join(pack(b"SCRIPT", b"LOAD", script.source) for script in _PRELOADED)
 

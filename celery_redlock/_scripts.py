@@ -115,6 +115,17 @@ RELEASE = Script(
     b"return 0"
 )
 
+# KEYS[1] the lock key; ARGV[1] the token of an attempt that failed.
+# As RELEASE, without waking the key's waiters: a failed attempt held no lock, so
+# there is no release to announce (woken by every failed attempt's undo, waiters
+# would try again at once, and again, for as long as a holder is missing from a
+# minority of nodes, each waking the others).
+# Returns 1 when deleted, 0 when the key was absent or held by another token.
+UNDO = Script(
+    b"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end "
+    b"return 0"
+)
+
 # KEYS[1] the lock key; ARGV[1] an owner's name; ARGV[2] what follows it in
 # the tokens of the owner's runs ("|"; "" to match any token starting with ARGV[1]).
 # As RELEASE, for the key holding the token ARGV[1] itself or any token

@@ -83,7 +83,9 @@ class Listener:
         self.nodes = tuple(nodes)
         self._waiters: dict[bytes, set[threading.Event]] = {}
         self._left: dict[bytes, float] = {}  # key -> when its last waiter left
-        self._mutex = threading.Lock()
+        # Re-entrant: the collector may run a manager's finalizer (which closes this
+        # listener) in a thread holding it.
+        self._mutex = threading.RLock()
         self._stop = threading.Event()
         self._pid = 0
         self._pipes: list[tuple[int, int]] = []  # (read, write): each thread's nudge pipe
@@ -135,7 +137,7 @@ class Listener:
 
     def _forget_in_child(self) -> None:
         """In a forked child: the parent's threads, waiters and pipes are not ours."""
-        self._mutex = threading.Lock()  # a parent thread may have held it at the fork
+        self._mutex = threading.RLock()  # a parent thread may have held it at the fork
         self._waiters = {}
         self._left = {}
         for pipe in self._pipes:

@@ -521,8 +521,15 @@ class RedlockSchedulerMixin:
 
     def _stop_renewing(self) -> None:
         watch, self._watch = self._watch, None
-        if watch is not None:
+        if watch is None:
+            return
+        try:
             watch.cancel()  # waits out a renewal in flight
+        except BaseException:
+            # Interrupted while waiting (SIGTERM's SystemExit): no renewal after the
+            # one in flight, or the lock would be kept alive for the process's life.
+            watch.cancelled = True
+            raise
 
     def _step_down(self, why: str) -> None:
         lock, self._leader = self._leader, None

@@ -535,10 +535,10 @@ class Redlock:
             fanout.script(_scripts.REASSIGN, (key,), (token, takeover, ttl_ms), targets=taken)
         if taken or kept:
             rest = [i for i in range(len(self.nodes)) if i not in taken and i not in kept]
-            undone = fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
+            undone = fanout.script(_scripts.UNDO, (key,), (token,), targets=rest)
         else:
             rest = list(range(len(self.nodes)))
-            undone = fanout.script(_scripts.RELEASE, (key,), (token,))
+            undone = fanout.script(_scripts.UNDO, (key,), (token,))
         # A new token's undo (one made here, or a run's own taking over) is sent again,
         # when they answer, to the nodes it missed where the SET may be applied (it
         # timed out there, or was applied); not where it was never sent (a node
@@ -728,7 +728,7 @@ class Redlock:
             else:
                 rest = []
             if rest:
-                undone = fanout.script(_scripts.RELEASE, (key,), (token,), targets=rest)
+                undone = fanout.script(_scripts.UNDO, (key,), (token,), targets=rest)
                 missed = {i for i in rest if isinstance(undone[i], Exception)}
         if trail.carried is not None:
             missed |= trail.carried[0]

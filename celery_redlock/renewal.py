@@ -40,6 +40,8 @@ _log = logging.getLogger(__name__)
 
 #: Renew at this share of the TTL.
 RENEW_SHARE = 1 / 3
+#: The longest TTL or interval a watch takes (10 years, the longest lock TTL).
+MAX_WAIT = 10 * 365 * 24 * 3600.0
 #: Never renew more often than this (seconds), however short the TTL.
 MIN_INTERVAL = 0.01
 #: Seconds the thread may oversleep so that watches due close together share a wake-up.
@@ -139,20 +141,27 @@ class Renewer:
         """
         if lock.manager is None:
             raise ValueError(f"lock {lock.resource!r} has no manager to extend it with")
+        for name, value in (("ttl", ttl), ("interval", interval)):
+            if value is not None and not (0 < value <= MAX_WAIT):
+                # (The thread's wait would overflow, and the thread end: every other
+                # watch would go unrenewed.)
+                raise ValueError(f"{name} must be in (0, {MAX_WAIT:g}] seconds, not {value!r}")
         every = max(MIN_INTERVAL, ttl * RENEW_SHARE if interval is None else interval)
         item = Watch(lock, ttl, every, on_lost)
         self._ensure_own()
         with self._cond:
-            self._push(self.clock() + every, item)
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 # (A thread a stop() did not wait out, still in a renewal, sees it is
                 # no longer the current one and ends after it.)
                 self._stopping = False
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
+            self._push(self.clock() + every, item)
         return item
 
     def _push(self, due: float, item: Watch) -> None:
+        if self._stopping:
+            return  # stop() dropped the watches: a renewal in flight does not bring one back
         if len(self._queue) >= self._compact_at:  # cancelled watches wait until due: drop them
             self._queue = [entry for entry in self._queue if not entry[2].cancelled]
             heapq.heapify(self._queue)

@@ -949,3 +949,30 @@ def test_replies_left_unread_at_quorum_do_not_pile_up(
         owed = [len(w.owed) for wires in rl._fanout._idle for w in wires]
         assert 0 < max(owed) <= _nodes.MAX_OWED
     assert all(c.get(f"pile-{5 * _nodes.MAX_OWED - 1}") for c in clients)
+
+
+def test_a_waiter_is_not_woken_by_failed_attempts_while_a_holder_misses_a_node(
+    managers: Callable[..., Redlock],
+    clients: list[redis.Redis],
+    redis_urls: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A holder on two nodes of three (the third stalled when it acquired): a waiter's
+    attempts each win the third node and fail. Their undo announces no release, so
+    the waiter tries again after its retry delay, not at once on being woken by its
+    own (or another waiter's) undo, round after round."""
+    rl = managers(redis_urls[:3], retry_delay=0.2)
+    clients[0].set("busy", "holder", px=30_000)
+    clients[1].set("busy", "holder", px=30_000)
+    attempts: list[float] = []
+    real = Redlock._attempt
+
+    def counted(self: Redlock, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(time.monotonic())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Redlock, "_attempt", counted)
+    with pytest.raises(LockNotAcquired):
+        rl.acquire("busy", 10, wait=1.5)
+    # A random delay in [0, 0.2] s between attempts: about 15 in 1.5 s.
+    assert len(attempts) < 40, len(attempts)

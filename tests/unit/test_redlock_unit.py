@@ -381,7 +381,7 @@ def test_a_failed_attempt_is_undone_on_every_node_including_failed_ones(
 
     monkeypatch.setattr(rl._fanout, "script", spy)
     assert rl.lock("r", 10, value="mine") is None
-    assert calls == [(_scripts.ACQUIRE, None), (_scripts.RELEASE, None)]  # None: every node
+    assert calls == [(_scripts.ACQUIRE, None), (_scripts.UNDO, None)]  # None: every node
     assert values(clients[1:], "r") == ["other", "other", None, None]
 
 

@@ -344,3 +344,43 @@ def test_short_runs_watched_and_cancelled_cost_the_thread_no_wake_up_each(
     assert manager.called.wait(2 * interval + 0.5)
     assert manager.calls[0] - started >= 0.6 + interval - 0.02
     live.cancel()
+
+
+@pytest.mark.parametrize(("ttl", "interval"), [(float("inf"), None), (30.0, 1e12), (-1.0, None)])
+def test_a_watch_the_thread_could_not_wait_for_is_refused(
+    renewer: Renewer, ttl: float, interval: float | None
+) -> None:
+    """An infinite TTL or an interval beyond any lock's would overflow the thread's
+    wait and end the thread, leaving every other watch unrenewed: refused."""
+    with pytest.raises(ValueError, match="must be in"):
+        renewer.watch(held(FakeManager(), 30.0), ttl, interval=interval)
+
+
+def test_a_renewal_in_flight_at_stop_does_not_bring_its_watch_back(renewer: Renewer) -> None:
+    """stop() drops every watch: one whose renewal was in flight is not queued again
+    when that renewal ends, and a later watch() does not renew it."""
+    release = threading.Event()
+
+    class SlowManager(FakeManager):
+        def extend(self, lock: Lock, ttl: float, *, strict: bool = False) -> bool:
+            if not self.calls:
+                self.calls.append(time.monotonic())
+                self.called.set()
+                release.wait(5)
+                lock.expires_at = time.monotonic() + ttl
+                return True
+            return super().extend(lock, ttl, strict=strict)
+
+    slow = SlowManager()
+    renewer.watch(held(slow, 0.3), 0.3)
+    assert slow.called.wait(2)  # its first renewal is in flight
+    stopper = threading.Thread(target=renewer.stop, kwargs={"timeout": 5})
+    stopper.start()
+    time.sleep(0.1)
+    release.set()
+    stopper.join()
+    other = FakeManager()
+    renewer.watch(held(other, 0.3), 0.3)  # starts a new thread
+    time.sleep(0.6)
+    assert other.calls  # the new watch is renewed
+    assert len(slow.calls) == 1  # the dropped one is not
