@@ -18,7 +18,8 @@ arguments::
   was released, or left to expire after ``hold_left`` seconds
   (``redlock_hold``). ``reason`` is the way the run ended: ``"success"``,
   ``"failure"``, ``"ignored"``, ``"rejected"``, ``"replaced"``, or, from the
-  main worker process, ``"terminated"``, ``"revoked"``, ``"expired"``,
+  main worker process, ``"terminated"``, ``"cancelled"`` (a running task
+  cancelled at a cold shutdown), ``"revoked"``, ``"expired"``,
   ``"worker-lost"``, ``"time-limit"``; ``"retry-new-arguments"`` when a
   retry changes the key; ``"retry"`` for an eager retry (run at once, it takes
   the key again); ``"postrun:<state>"`` when only the ``task_postrun``
