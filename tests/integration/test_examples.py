@@ -303,24 +303,29 @@ def popen(args: list[str], **kwargs: object) -> Iterator[subprocess.Popen[str]]:
         proc.wait(timeout=10)
 
 
-def test_ha_beat_docstring_command_runs_a_leading_beat(
-    beat_env: dict[str, str], tmp_path: Path
-) -> None:
-    """``celery -A ha_beat beat -s ...`` from the examples folder, as the docstring says."""
-    log = tmp_path / "beat.log"
-    schedule = str(tmp_path / "beat.db")
-    args = [sys.executable, "-m", "celery", "-A", "ha_beat", "beat", "-s", schedule, "-l", "info"]
+def _beat_until_it_leads(args: list[str], env: dict[str, str], log: Path) -> str:
+    """Run ``celery ... beat`` from the examples folder until it leads, then Ctrl-C it
+    (a clean shutdown hands the leader lock over); its log."""
     with (
         log.open("w") as out,
-        popen(args, cwd=EXAMPLES, env=beat_env, stdout=out, stderr=subprocess.STDOUT) as proc,
+        popen(args, cwd=EXAMPLES, env=env, stdout=out, stderr=subprocess.STDOUT) as proc,
     ):
         deadline = time.monotonic() + 20
         while "beat: leader now" not in log.read_text() and time.monotonic() < deadline:
             assert proc.poll() is None, log.read_text()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean shutdown hands the leader lock over
+        proc.send_signal(signal.SIGINT)
         proc.wait(timeout=15)
-    text = log.read_text()
+    return log.read_text()
+
+
+def test_ha_beat_docstring_command_runs_a_leading_beat(
+    beat_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``celery -A ha_beat beat -s ...`` from the examples folder, as the docstring says."""
+    schedule = str(tmp_path / "beat.db")
+    args = [sys.executable, "-m", "celery", "-A", "ha_beat", "beat", "-s", schedule, "-l", "info"]
+    text = _beat_until_it_leads(args, beat_env, tmp_path / "beat.log")
     assert ". scheduler -> celery_redlock.beat.RedlockScheduler" in text
     assert "beat: leader now (lock redlock:beat:ha_beat, ttl 30.0s)" in text
     assert "beat: handed the leader lock redlock:beat:ha_beat over" in text
@@ -337,20 +342,9 @@ def test_ha_beat_docstring_command_with_the_database_scheduler_leads(
         check=False,
     )  # fmt: skip
     assert migrated.returncode == 0, migrated.stderr[-3000:]
-    log = tmp_path / "beat.log"
     args = [sys.executable, "-m", "celery", "-A", "ha_beat", "beat"]
     args += ["-S", "ha_beat:HADatabaseScheduler", "-l", "info"]
-    with (
-        log.open("w") as out,
-        popen(args, cwd=EXAMPLES, env=django_env, stdout=out, stderr=subprocess.STDOUT) as proc,
-    ):
-        deadline = time.monotonic() + 20
-        while "beat: leader now" not in log.read_text() and time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=15)
-    text = log.read_text()
+    text = _beat_until_it_leads(args, django_env, tmp_path / "beat.log")
     assert ". scheduler -> ha_beat.HADatabaseScheduler" in text
     assert "beat: leader now (lock redlock:beat:ha_beat, ttl 30.0s)" in text
     assert "beat: handed the leader lock redlock:beat:ha_beat over" in text

@@ -49,10 +49,11 @@ def _setup(db: str) -> None:
     call_command("migrate", verbosity=0)
 
 
-def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
+def _beats(servers: list[str], db: str, name: str, ttl: float) -> tuple[Any, Any]:
+    """Set Django up on ``db``; the README's HADatabaseScheduler class, and an app
+    (the current one: ModelEntry reads current_app) whose leader lock has ``ttl``."""
     _setup(db)
     from celery import Celery
-    from django_celery_beat.models import IntervalSchedule, PeriodicTask
     from django_celery_beat.schedulers import DatabaseScheduler
 
     from celery_redlock.beat import RedlockSchedulerMixin
@@ -60,20 +61,27 @@ def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
     class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
         redlock_standby_ticks = False  # the schedule lives in the shared database
 
-    if mode in ("no-handover", "record-only"):
-        HADatabaseScheduler._go_on_from = lambda self, token: None  # type: ignore[method-assign]
-    if mode == "no-handover":
-        HADatabaseScheduler._catch_up = lambda self: None  # type: ignore[method-assign]
-
-    app = Celery("beat_django", broker="memory://")  # current: ModelEntry reads current_app
+    app = Celery(f"beat_django_{name}", broker="memory://")
     app.conf.update(
         redlock_servers=servers,
-        redlock_beat_ttl=30.0,  # only a hand-over can be quick
+        redlock_beat_ttl=ttl,
         redlock_beat_poll=0.1,
-        redlock_beat_lock_key=f"redlock:beat:django-{mode}",
+        redlock_beat_lock_key=f"redlock:beat:django-{name}",
         timezone="UTC",
         beat_schedule={},
     )
+    return HADatabaseScheduler, app
+
+
+def main(servers: list[str], db: str, mode: str) -> dict[str, Any]:
+    # (30 s: only a hand-over, or going on from the noted sends, can be quick)
+    HADatabaseScheduler, app = _beats(servers, db, mode, 30.0)
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+
+    if mode in ("no-handover", "record-only"):
+        HADatabaseScheduler._go_on_from = lambda self, token: None
+    if mode == "no-handover":
+        HADatabaseScheduler._catch_up = lambda self: None
     every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
     PeriodicTask.objects.create(name="tick", task=TASK, interval=every)
 
@@ -125,28 +133,12 @@ def killed(servers: list[str], db: str) -> dict[str, Any]:
     when the lock runs out, then re-reads its entries from the database (as
     DatabaseScheduler does every 5 minutes, and on any change). Prints the sends
     of the hourly task by each."""
-    _setup(db)
+    HADatabaseScheduler, app = _beats(servers, db, "killed", 2.0)
     import datetime
 
-    from celery import Celery
     from django.utils import timezone
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
-    from django_celery_beat.schedulers import DatabaseScheduler
 
-    from celery_redlock.beat import RedlockSchedulerMixin
-
-    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
-        redlock_standby_ticks = False
-
-    app = Celery("beat_django_killed", broker="memory://")
-    app.conf.update(
-        redlock_servers=servers,
-        redlock_beat_ttl=2.0,
-        redlock_beat_poll=0.1,
-        redlock_beat_lock_key="redlock:beat:django-killed",
-        timezone="UTC",
-        beat_schedule={},
-    )
     hourly = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.HOURS)
     PeriodicTask.objects.create(
         name="hourly", task=TASK, interval=hourly,
@@ -193,28 +185,12 @@ def refused(servers: list[str], db: str) -> dict[str, Any]:
     due just after the leader lock's validity has run out: the send is refused and
     the beat steps down, then leads again at its next poll. Prints when it sent
     the task (seconds from the start), and when it led again."""
-    _setup(db)
+    HADatabaseScheduler, app = _beats(servers, db, "refused", 5.0)
     import datetime
 
-    from celery import Celery
     from django.utils import timezone
     from django_celery_beat.models import IntervalSchedule, PeriodicTask
-    from django_celery_beat.schedulers import DatabaseScheduler
 
-    from celery_redlock.beat import RedlockSchedulerMixin
-
-    class HADatabaseScheduler(RedlockSchedulerMixin, DatabaseScheduler):  # type: ignore[misc]
-        redlock_standby_ticks = False
-
-    app = Celery("beat_django_refused", broker="memory://")
-    app.conf.update(
-        redlock_servers=servers,
-        redlock_beat_ttl=5.0,
-        redlock_beat_poll=0.1,
-        redlock_beat_lock_key="redlock:beat:django-refused",
-        timezone="UTC",
-        beat_schedule={},
-    )
     minutely = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.MINUTES)
     start = time.monotonic()
     PeriodicTask.objects.create(
