@@ -282,10 +282,6 @@ class Resender:
         return True
 
 
-def _same(item: _Item, fanout: Fanout, key: bytes, token: str) -> bool:
-    return item.key == key and item.token == token and item.fanout() is fanout
-
-
 _resenders = _process.PerProcess(Resender)
 
 

@@ -145,6 +145,14 @@ def _handed_time(name: object, stamp: object, limit: float) -> datetime | None:
     return when
 
 
+def _as_entry_time(when: datetime, own: object) -> datetime:
+    """A UTC time as an entry keeps its last run (``own``): naive (UTC, as Celery
+    reads a naive time) or in its zone."""
+    if not isinstance(own, datetime):
+        return when
+    return when.replace(tzinfo=None) if own.tzinfo is None else when.astimezone(own.tzinfo)
+
+
 def _setting(scheduler: object, app: Any, name: str) -> tuple[Any, str]:
     """A beat setting's value: the scheduler class's attribute when not None, else
     ``app.conf``'s; and how an error names where it came from."""
@@ -394,12 +402,7 @@ class RedlockSchedulerMixin:
                 if when is None:
                     continue
                 self._sent[str(name)] = float(stamp)
-                if isinstance(own, datetime):
-                    when = (
-                        when.replace(tzinfo=None)
-                        if own.tzinfo is None
-                        else when.astimezone(own.tzinfo)
-                    )
+                when = _as_entry_time(when, own)
             else:
                 before = dry.get(str(name))
                 if not isinstance(before, datetime):
@@ -449,14 +452,9 @@ class RedlockSchedulerMixin:
                 if entry is None or when is None:
                     continue
                 own = getattr(entry, "last_run_at", None)
-                if isinstance(own, datetime):
-                    when = (
-                        when.replace(tzinfo=None)
-                        if own.tzinfo is None
-                        else when.astimezone(own.tzinfo)
-                    )
-                    if not exact and when <= own:
-                        continue
+                when = _as_entry_time(when, own)
+                if not exact and isinstance(own, datetime) and when <= own:
+                    continue
                 self._set_last_run(str(name), entry, when)
                 if exact:
                     self._sent[str(name)] = float(stamp)

@@ -206,11 +206,13 @@ def _servers(where: str, value: object) -> tuple[Any, ...]:
     return tuple(servers)
 
 
-def _at_most_max_ttl(where: str, seconds: float, value: object) -> float:
+def _at_most_max_ttl(
+    where: str, seconds: float, value: object, clock: str = "Redis' expiry clock"
+) -> float:
     if seconds > MAX_TTL:
         raise RedlockConfigError(
             f"{where} must be at most {MAX_TTL:.0f} s (10 years), not {value!r}; longer "
-            "ones overflow Redis' expiry clock"
+            f"ones overflow {clock}"
         )
     return seconds
 
@@ -251,13 +253,8 @@ def _validate(name: str, value: object, where: str, func: Callable[..., Any] | N
     if name == "hold":
         return _at_most_max_ttl(where, _number(where, value), value)
     if name == "retry_delay":
-        delay = _number(where, value)
-        if delay > MAX_TTL:
-            raise RedlockConfigError(
-                f"{where} must be at most {MAX_TTL:.0f} s (10 years), not {value!r}; longer "
-                "ones overflow the clock a wait between attempts sleeps on"
-            )
-        return delay
+        clock = "the clock a wait between attempts sleeps on"
+        return _at_most_max_ttl(where, _number(where, value), value, clock)
     if name == "wait":
         return None if value is None else _number(where, value)
     if name == "retry_count":

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import _process
 from .exceptions import LockExtendError, Vote
-from .redlock import Lock
+from .redlock import MAX_TTL, Lock
 
 __all__ = ["Renewer", "Watch", "get_renewer", "watch"]
 
@@ -40,8 +40,8 @@ _log = logging.getLogger(__name__)
 
 #: Renew at this share of the TTL.
 RENEW_SHARE = 1 / 3
-#: The longest TTL or interval a watch takes (10 years, the longest lock TTL).
-MAX_WAIT = 10 * 365 * 24 * 3600.0
+#: The longest TTL or interval a watch takes: the longest lock TTL (10 years).
+MAX_WAIT = MAX_TTL
 #: Never renew more often than this (seconds), however short the TTL.
 MIN_INTERVAL = 0.01
 #: Seconds the thread may oversleep so that watches due close together share a wake-up.
