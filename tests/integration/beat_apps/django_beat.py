@@ -184,7 +184,8 @@ def refused(servers: list[str], db: str) -> dict[str, Any]:
     """One beat leads; a minutely task (last run 59.4 s ago in the database) comes
     due just after the leader lock's validity has run out: the send is refused and
     the beat steps down, then leads again at its next poll. Prints when it sent
-    the task (seconds from the start), and when it led again."""
+    the task (seconds from the start), when it stepped down, and when it was seen
+    leading again."""
     HADatabaseScheduler, app = _beats(servers, db, "refused", 5.0)
     import datetime
 
@@ -212,16 +213,16 @@ def refused(servers: list[str], db: str) -> dict[str, Any]:
         time.sleep(0.01)
     a._watch.cancel()
     a._leader.expires_at = time.monotonic()  # its validity has run out
-    led_again = None
+    stepped_down = led_again = None
     while time.monotonic() - start < 2.0:
         a.tick()
-        if led_again is None and a._leader is None:
-            led_again = 0.0  # stepped down
-        elif led_again == 0.0 and a.is_leader:
-            led_again = time.monotonic() - start
+        if stepped_down is None and a._leader is None:
+            stepped_down = time.monotonic() - start
+        elif stepped_down is not None and led_again is None and a.is_leader:
+            led_again = time.monotonic() - start  # (after the tick that led and sent)
         time.sleep(0.01)
     a.close()
-    return {"sends": sends, "led_again": led_again}
+    return {"sends": sends, "stepped_down": stepped_down, "led_again": led_again}
 
 
 if __name__ == "__main__":
